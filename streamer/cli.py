@@ -1,0 +1,117 @@
+"""The ``vigil`` command line.
+
+Each subcommand parses its arguments here and hands them to the module that does the work, which
+is imported only when that subcommand runs (so ``vigil check-config`` never loads torch).
+Exit codes: 0 success, 1 runtime failure, 2 invalid usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from streamer.settings import ConfigError, load_settings
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+DEFAULT_CONFIG = "/etc/vigil/config.yaml"
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """One line per event on stderr: journald adds its own timestamps under systemd."""
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"{exc.source}: invalid configuration", file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{args.config}: OK ({len(settings.cameras)} camera(s))")
+    return EXIT_OK
+
+
+def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
+    """Run ``module:function(args)``, importing the module only when the subcommand runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        module_name, function_name = target.split(":")
+        return int(getattr(importlib.import_module(module_name), function_name)(args))
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vigil", description="Streaming video memory daemon.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = sub.add_parser("check-config", help="validate a config file (exit 0 valid, 2 invalid)")
+    check.add_argument("config", help="path of the YAML config")
+    check.set_defaults(func=_cmd_check_config)
+
+    imp = sub.add_parser("import", help="ingest a recorded file into memory as fast as possible")
+    imp.add_argument("file", help="video file")
+    imp.add_argument("--camera", required=True, help="camera name the footage belongs to")
+    imp.add_argument("--start", help="wall-clock time of the first frame (ISO 8601)")
+    imp.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+    imp.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
+    imp.set_defaults(func=_lazy("streamer.importer:cli_import"))
+
+    serve = sub.add_parser("serve", help="run the daemon")
+    serve.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+    serve.set_defaults(func=_lazy("streamer.daemon:cli_serve"))
+
+    ask = sub.add_parser("ask", help="ask a running daemon a question over MQTT")
+    ask.add_argument("question")
+    ask.add_argument("--camera", action="append", default=[], help="restrict to this camera (repeatable)")
+    ask.add_argument("--after", help="only memory after this time (ISO 8601)")
+    ask.add_argument("--before", help="only memory before this time (ISO 8601)")
+    ask.add_argument("--top-k", type=int, help="chunks to retrieve")
+    ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    ask.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    ask.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the answer")
+    ask.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file for the broker settings")
+    ask.set_defaults(func=_lazy("streamer.client:cli_ask"))
+
+    status = sub.add_parser("status", help="show each camera's state (from the retained MQTT topics)")
+    status.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file for the broker settings")
+    status.add_argument("--timeout", type=float, default=3.0, help="seconds to collect retained states")
+    status.set_defaults(func=_lazy("streamer.client:cli_status"))
+
+    models = sub.add_parser("models", help="model utilities")
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    tiny = models_sub.add_parser("make-tiny", help="write tiny random models of the real architectures (for tests)")
+    tiny.add_argument("dir", help="output directory (gets vlm/, qwen2_5_vl/ and embedder/)")
+    tiny.set_defaults(func=_lazy("retrieval.tiny:cli_make_tiny"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"{exc.source}: invalid configuration", file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

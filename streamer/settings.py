@@ -1,0 +1,355 @@
+"""vigil's configuration: pydantic models, YAML loading, environment overrides, secrets.
+
+Settings are loaded and validated once, before the event loop starts. Unknown keys are errors,
+every field carries a description, units are in the names. Secrets (MQTT and Redis passwords)
+never need to be in YAML: they come from the environment or from systemd credentials.
+
+Environment overrides use ``VIGIL_`` plus the key path joined by ``__``, for example
+``VIGIL_MQTT__HOST=broker.lan`` or ``VIGIL_CAMERAS__FRONT_DOOR__SAMPLE_FPS=2``. Values are
+parsed as YAML scalars, so ``VIGIL_MQTT__PORT=8883`` is an integer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+ENV_PREFIX = "VIGIL_"
+ENV_SEPARATOR = "__"
+
+# Camera names become MQTT topic levels and parts of Redis keys, so they must not contain
+# MQTT wildcards/separators or Redis hash-tag braces. Lower case keeps case-insensitive lookup simple.
+CAMERA_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+TOPIC_PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
+
+
+def _check_camera_name(name: str) -> str:
+    if not CAMERA_NAME_RE.match(name):
+        raise ValueError(
+            f"camera name {name!r} is invalid: use 1-64 characters of a-z, 0-9, '_' or '-', "
+            "starting with a letter or digit (names become MQTT topic levels and Redis keys)"
+        )
+    return name
+
+
+CameraName = Annotated[str, AfterValidator(_check_camera_name)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class CameraSettings(_Strict):
+    """One camera: where to read it and how to sample it."""
+
+    url: str = Field(
+        description=(
+            "Source: rtsp://, rtsps://, rtmp://, http(s):// (HLS, MJPEG), a local file path, "
+            "a V4L2 device (/dev/videoN) or lavfi:GRAPH (an FFmpeg test source, e.g. lavfi:testsrc2=size=640x360:rate=10)."
+        )
+    )
+    enabled: bool = Field(default=True, description="Set false to keep the camera configured but not ingested.")
+    sample_fps: float = Field(
+        default=1.0, gt=0, le=30, description="Frames sampled per second of stream time (by timestamp, not frame count)."
+    )
+    chunk_s: float = Field(default=8.0, gt=0, le=120, description="Length of a memory chunk in seconds.")
+    max_frames_per_chunk: int = Field(
+        default=16, ge=1, le=256, description="Cap on frames in one chunk; a chunk closes early when it is reached."
+    )
+    rtsp_transport: Literal["tcp", "udp"] = Field(
+        default="tcp", description="RTSP transport. TCP survives lossy networks; UDP has lower latency."
+    )
+    loop: bool = Field(default=False, description="Files only: start again at the end, acting as a live camera.")
+    realtime: bool | None = Field(
+        default=None,
+        description="Files only: pace decoding at real time. Default: true when loop is true, else false.",
+    )
+    start: datetime | None = Field(
+        default=None,
+        description=(
+            "Files only: wall-clock time of the file's first frame (ISO 8601; naive means the configured "
+            "timezone). Default: the container's creation time, else now."
+        ),
+    )
+    open_timeout_s: float = Field(default=10.0, gt=0, description="Give up opening the source after this long.")
+    read_timeout_s: float = Field(default=10.0, gt=0, description="Socket read timeout of the demuxer.")
+    stall_timeout_s: float = Field(
+        default=20.0, gt=0, description="Reconnect when the connection is open but no frame arrived for this long."
+    )
+    reconnect_initial_s: float = Field(default=1.0, gt=0, description="First reconnect delay.")
+    reconnect_max_s: float = Field(default=30.0, gt=0, description="Cap of the exponential reconnect delay.")
+    frame_queue_size: int = Field(
+        default=32, ge=1, description="Frames buffered between the decoder thread and the loop; when full the oldest is dropped."
+    )
+    retention_days: float = Field(default=7.0, gt=0, description="Memory of this camera older than this is deleted.")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> CameraSettings:
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_initial_s")
+        return self
+
+    @property
+    def paced(self) -> bool:
+        """Whether a file source is decoded at real time (loop implies a live camera)."""
+        return self.loop if self.realtime is None else self.realtime
+
+
+class MqttSettings(_Strict):
+    """The MQTT broker and the question API on it."""
+
+    host: str = Field(default="127.0.0.1", description="Broker host name or address.")
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker port (8883 is usual with TLS).")
+    topic_prefix: str = Field(default="vigil", description="First topic levels of everything vigil publishes.")
+    client_id: str = Field(default="vigil", description="MQTT client identifier; unique per vigil instance.")
+    username: str | None = Field(default=None, description="Broker user name, if the broker requires one.")
+    password: SecretStr | None = Field(
+        default=None,
+        description="Broker password. Prefer VIGIL_MQTT__PASSWORD or the systemd credential 'mqtt_password'.",
+    )
+    tls: bool = Field(default=False, description="Connect with TLS.")
+    tls_ca_file: Path | None = Field(default=None, description="CA bundle for TLS; the system store when unset.")
+    keepalive_s: int = Field(default=30, ge=5, description="MQTT keepalive interval.")
+    reconnect_max_s: float = Field(default=30.0, gt=0, description="Cap of the exponential reconnect delay.")
+    max_payload_bytes: int = Field(default=65536, ge=256, description="Larger question payloads are refused.")
+    max_in_flight: int = Field(default=4, ge=1, description="Questions answered at once; more are refused with 'busy'.")
+    answer_timeout_s: float = Field(default=120.0, gt=0, description="A question not answered by then gets a timeout error.")
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        if not TOPIC_PREFIX_RE.match(value):
+            raise ValueError(f"topic_prefix {value!r} must be topic levels of letters, digits, '_' or '-' joined by '/'")
+        return value
+
+
+class RedisSettings(_Strict):
+    """Redis, where the compressed memory lives (the source of truth)."""
+
+    url: str = Field(default="redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL.")
+    password: SecretStr | None = Field(
+        default=None,
+        description="Redis password. Prefer VIGIL_REDIS__PASSWORD or the systemd credential 'redis_password'.",
+    )
+    key_prefix: str = Field(default="vigil", description="First part of every Redis key vigil writes.")
+    write_buffer_chunks: int = Field(
+        default=512, ge=1, description="Chunks held for retry while Redis is unreachable; older ones are dropped and counted."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+
+class ModelSettings(_Strict):
+    """Which models encode frames, embed for retrieval and answer."""
+
+    vlm: str = Field(
+        default="llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+        description="Vision-language model: a hub id or a local directory (LLaVA-OneVision or Qwen2.5-VL).",
+    )
+    embedder: str = Field(
+        default="google/siglip-base-patch16-224",
+        description="Retrieval embedder with aligned image and text towers (SigLIP): a hub id or a local directory.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when available, else CPU.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="auto: bfloat16 on GPU (float16 where bf16 is unsupported), float32 on CPU."
+    )
+    encode_batch_frames: int = Field(default=8, ge=1, description="Frames from all cameras batched into one encoder call.")
+    encode_max_wait_ms: float = Field(default=50.0, ge=0, description="Longest a frame waits for its batch to fill.")
+    max_new_tokens: int = Field(default=256, ge=1, description="Cap on the length of an answer in tokens.")
+    generation_timeout_s: float = Field(default=90.0, gt=0, description="Cap on the time spent generating one answer.")
+
+
+class CompressionSettings(_Strict):
+    """How each chunk's visual tokens are reduced before they are stored."""
+
+    method: Literal["vigil", "uniform", "random"] = Field(
+        default="vigil", description="vigil: the streaming compressor; uniform/random: baselines at the same budget."
+    )
+    keep_ratio: float = Field(
+        default=0.10, gt=0, le=1, description="Target share of the encoder's tokens kept for a chunk of typical change."
+    )
+    skip_unchanged: bool = Field(
+        default=True, description="Skip the encoder for frames whose pixels did not change; they extend the previous frame."
+    )
+    codec: Literal["fp16", "int8"] = Field(default="fp16", description="Storage precision of kept tokens.")
+
+
+class RetrievalSettings(_Strict):
+    """How questions find memory."""
+
+    top_k: int = Field(default=6, ge=1, le=64, description="Chunks retrieved for a question unless the question sets top_k.")
+    recent_chunks: int = Field(
+        default=2, ge=0, description="Freshest chunks per selected camera added for questions about now."
+    )
+    max_prompt_chunks: int = Field(default=12, ge=1, description="Cap on chunks placed in one prompt.")
+
+
+class Settings(_Strict):
+    """Everything vigil reads at start."""
+
+    data_dir: Path = Field(default=Path("/var/lib/vigil"), description="Index files and other local state.")
+    timezone: str = Field(default="UTC", description="IANA zone for naive times in questions and times in answers.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Logging threshold.")
+    mqtt: MqttSettings = Field(default_factory=MqttSettings, description="Broker connection and question API.")
+    redis: RedisSettings = Field(default_factory=RedisSettings, description="Memory store.")
+    models: ModelSettings = Field(default_factory=ModelSettings, description="Models.")
+    compression: CompressionSettings = Field(default_factory=CompressionSettings, description="Token compression.")
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings, description="Question retrieval.")
+    cameras: dict[CameraName, CameraSettings] = Field(
+        default_factory=dict, description="Camera name -> source. Names: a-z, 0-9, '_' and '-'."
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem in a config file, located by key path and, where known, line."""
+
+    path: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"line {self.line}: " if self.line is not None else ""
+        return f"{where}{self.path or '<root>'}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``issues`` lists every problem found."""
+
+    def __init__(self, source: str, issues: list[ConfigIssue]) -> None:
+        self.source = source
+        self.issues = issues
+        super().__init__(f"{source}: " + "; ".join(str(i) for i in issues))
+
+
+def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to its 1-based line number."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key_path = (*path, str(key_node.value))
+                lines[key_path] = key_node.start_mark.line + 1
+                walk(value_node, key_path)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                item_path = (*path, str(index))
+                lines[item_path] = item.start_mark.line + 1
+                walk(item, item_path)
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _set_path(raw: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = raw
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
+    """Overlay ``VIGIL_A__B=value`` variables onto the raw config mapping (keys lower-cased)."""
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == "VIGIL_CONFIG":
+            continue
+        keys = [part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_SEPARATOR)]
+        if not all(keys):
+            continue
+        _set_path(raw, keys, yaml.safe_load(text) if text else "")
+    return raw
+
+
+def _credential(name: str, environ: dict[str, str]) -> str | None:
+    """Read a systemd credential (LoadCredential=NAME:...) if the service has one."""
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    path = Path(directory) / name
+    return path.read_text().strip() if path.is_file() else None
+
+
+def load_settings(path: str | Path | None, environ: dict[str, str] | None = None) -> Settings:
+    """Read, overlay and validate a config file; raise ConfigError listing every located problem.
+
+    ``path=None`` validates an empty document (all defaults) plus the environment.
+    """
+    env = dict(os.environ if environ is None else environ)
+    source = str(path) if path is not None else "<defaults>"
+    text = ""
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(source, [ConfigIssue("", f"cannot read config: {exc.strerror or exc}")]) from exc
+    try:
+        raw = yaml.safe_load(text) if text.strip() else {}
+        lines = _yaml_lines(text) if text.strip() else {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError(source, [ConfigIssue("", f"not valid YAML: {exc}", line)]) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [ConfigIssue("", "the top level must be a mapping of keys to values", 1)])
+    raw = apply_env_overrides(raw, env)
+    for section, cred in (("mqtt", "mqtt_password"), ("redis", "redis_password")):
+        secret = _credential(cred, env)
+        if secret is not None and not (raw.get(section) or {}).get("password"):
+            _set_path(raw, [section, "password"], secret)
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        issues = []
+        for err in exc.errors():
+            loc = tuple(str(part) for part in err["loc"])
+            message = "unknown key (not part of the schema)" if err["type"] == "extra_forbidden" else err["msg"]
+            # The line of the deepest key that exists in the file.
+            line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
+            issues.append(ConfigIssue(".".join(loc), message, line))
+        raise ConfigError(source, issues) from exc

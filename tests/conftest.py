@@ -1,0 +1,78 @@
+"""Shared fixtures: real Redis, real Mosquitto, unique key/topic prefixes, offline hub.
+
+Services are never mocked and never skipped: a missing one fails the test with the command that
+starts it. Fixture modules of each area live in tests/plugins/.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+# Nothing in the tests may reach the network: tiny models are built locally and loaded offline.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+pytest_plugins = ["tests.plugins.rtsp", "tests.plugins.models"]
+
+REDIS_URL = os.environ.get("VIGIL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+MQTT_HOST = os.environ.get("VIGIL_TEST_MQTT_HOST", "127.0.0.1")
+MQTT_PORT = int(os.environ.get("VIGIL_TEST_MQTT_PORT", "1883"))
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key and topic prefix of this test alone."""
+    return f"vigiltest-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def redis_url() -> str:
+    if not _port_open("127.0.0.1", 6379) and REDIS_URL.startswith("redis://127.0.0.1"):
+        pytest.fail(
+            "Redis is not listening on 127.0.0.1:6379. Start it with `bash scripts/setup.sh` or "
+            "`redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no`",
+            pytrace=False,
+        )
+    return REDIS_URL
+
+
+@pytest.fixture
+async def redis_client(redis_url: str, prefix: str) -> AsyncIterator[object]:
+    """An asyncio Redis client; every key under this test's prefix is deleted afterwards."""
+    import redis.asyncio as redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        await client.ping()
+    except Exception as exc:  # noqa: BLE001 - any connection failure means the same to the user
+        pytest.fail(f"Redis at {redis_url} does not answer PING ({exc}); start it with `bash scripts/setup.sh`", pytrace=False)
+    yield client
+    keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture
+def mqtt_broker() -> tuple[str, int]:
+    """(host, port) of a running Mosquitto broker."""
+    if not _port_open(MQTT_HOST, MQTT_PORT):
+        pytest.fail(
+            f"No MQTT broker on {MQTT_HOST}:{MQTT_PORT}. Start one with `bash scripts/setup.sh` or "
+            "`mosquitto -d -c configs/mosquitto.conf`",
+            pytrace=False,
+        )
+    return MQTT_HOST, MQTT_PORT

@@ -1,0 +1,1 @@
+"""Tiny model fixtures (filled in with the model work)."""

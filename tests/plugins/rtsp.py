@@ -1,0 +1,1 @@
+"""RTSP server fixtures (filled in with the camera ingest work)."""
