@@ -1,0 +1,420 @@
+"""Compression benchmark: vigil's compressor against uniform pooling and random keep at the same budget.
+
+    .venv/bin/python bench/compress.py [--json OUT] [--encoder pixel|llava-ov-0.5b] [--max-frames N]
+
+Over the shared clips (tests/data/*.mp4) sampled at 1 fps in chunks of 8 frames, the pipeline's
+order is reproduced: skip unchanged frames (memory.skip) -> encode -> compress (memory.compress,
+then each baseline with the budget vigil used for that chunk) -> fp16 payload (memory.codec).
+Printed per method: tokens in and out, kept ratio, bytes per camera-hour, coverage (cosine of
+each input token to its nearest kept token: mean and 5th percentile), needle survival, scene-cut
+recall, ms per chunk; plus the encoder calls and time that skipping saved.
+
+Encoders:
+  pixel          a deterministic pixel-patch featurizer (14x14 patches of 16 px, seeded random
+                 projection to 64 dims), the same stand-in the tests use; fast, whole clips.
+  llava-ov-0.5b  LLaVA-OneVision-0.5B's video path with RANDOM weights built from a transformers
+                 config: SigLIP-so400m vision tower (384 px, 27x27 patches, 26 layers), the 2-layer
+                 projector to 896 dims, 2x2 bilinear pooling to 14x14 = 196 tokens per frame.
+                 Real token shapes and costs, not real semantics. ~3-5 s per frame on 2 CPU cores,
+                 hence --max-frames (default 40 per clip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from memory.baselines import random_keep, uniform_pool  # noqa: E402
+from memory.codec import encode_chunk  # noqa: E402
+from memory.compress import CompressorConfig, CompressorState, compress_chunk  # noqa: E402
+from memory.skip import plan_skips, thumbnail  # noqa: E402
+from memory.types import CompressedChunk  # noqa: E402
+
+DATA = ROOT / "tests" / "data"
+SAMPLE_FPS = 1.0
+CHUNK_FRAMES = 8
+GRID = (14, 14)
+SEED = 0
+# Empty stretches of one-by-one-person-detection.mp4 at 1 fps (tests/data/SOURCES.md; the seconds
+# in which a person is still leaving are motion, not empty).
+EMPTY_STRETCHES_S = ((0.0, 6.0), (46.0, 51.0), (71.0, 75.0), (138.0, 140.0))
+SCENE_CUTS_S = (10.0, 20.0)  # scene-change_3cuts.mp4 ground truth
+CUT_TOLERANCE_S = 1.0  # one sampled frame at 1 fps
+# The needle: a 2x2-cell red/green checker pasted into frames 3 and 4 of each clip's second chunk.
+NEEDLE_CHUNK, NEEDLE_FRAMES, NEEDLE_CELL = 1, (3, 4), (6, 4)
+METHODS = ("vigil", "uniform", "random")
+
+# Thresholds per feature space (docs/compression.md says how each was calibrated).
+CONFIGS: dict[str, CompressorConfig] = {
+    "pixel": CompressorConfig(tau_static=0.95, tau_segment=0.5),
+    "llava-ov-0.5b": CompressorConfig(tau_static=0.95, tau_segment=0.5),
+}
+
+
+@dataclass
+class Encoder:
+    name: str
+    encode: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]  # [T,H,W,3] -> ([T,N,C], [T,G])
+
+
+def pixel_encoder() -> Encoder:
+    """The tests' pixel-patch featurizer (tests/test_compress.py), repeated so bench runs alone."""
+    proj = torch.randn(3 * 16 * 16, 64, generator=torch.Generator().manual_seed(SEED))
+
+    def encode(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0 - 0.5  # [T, 3, H, W]
+        x = F.adaptive_avg_pool2d(x, (224, 224))
+        patches = F.unfold(x, 16, stride=16).transpose(1, 2)  # [T, 196, 768]
+        tokens = patches @ proj / math.sqrt(patches.shape[-1])  # [T, 196, 64]
+        return tokens, tokens.mean(dim=1)
+
+    return Encoder("pixel", encode)
+
+
+def llava_ov_encoder(dtype: torch.dtype) -> Encoder:
+    """LLaVA-OneVision-0.5B video path with random weights (see the module docstring)."""
+    from transformers import LlavaOnevisionConfig, SiglipVisionModel
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionMultiModalProjector
+
+    # Shapes of llava-hf/llava-onevision-qwen2-0.5b-ov-hf: its tower keeps 26 of so400m's 27 layers.
+    config = LlavaOnevisionConfig(
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_hidden_layers": 26,
+            "num_attention_heads": 16,
+            "image_size": 384,
+            "patch_size": 14,
+            "vision_use_head": False,
+        },
+        text_config={"model_type": "qwen2", "hidden_size": 896},
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    torch.manual_seed(SEED)
+    tower = SiglipVisionModel(config.vision_config).to(dtype).eval()
+    projector = LlavaOnevisionMultiModalProjector(config).to(dtype).eval()
+    side = config.vision_config.image_size
+    patches = side // config.vision_config.patch_size  # 27
+
+    @torch.inference_mode()
+    def encode(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0  # [T, 3, H, W]
+        x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
+        x = ((x - 0.5) / 0.5).to(dtype)  # SigLIP normalisation
+        hidden = tower(pixel_values=x, output_hidden_states=True).hidden_states[-1]  # [T, 729, 1152]
+        feats = projector(hidden)  # [T, 729, 896]
+        t, _, c = feats.shape
+        grid = feats.view(t, patches, patches, c).permute(0, 3, 1, 2)  # [T, C, 27, 27]
+        pooled = F.interpolate(grid, size=GRID, mode="bilinear")  # LLaVA-OV apply_pooling: [T, C, 14, 14]
+        tokens = pooled.permute(0, 2, 3, 1).reshape(t, -1, c).float()  # [T, 196, 896]
+        return tokens, tokens.mean(dim=1)
+
+    return Encoder("llava-ov-0.5b", encode)
+
+
+def sample_frames(path: Path, max_frames: int | None) -> tuple[np.ndarray, np.ndarray]:
+    images, times = [], []
+    with av.open(str(path)) as container:
+        next_s = 0.0
+        for frame in container.decode(video=0):
+            if frame.time is None or frame.time + 1e-6 < next_s:
+                continue
+            images.append(frame.to_ndarray(format="rgb24"))
+            times.append(frame.time)
+            next_s += 1.0 / SAMPLE_FPS
+            if max_frames is not None and len(images) >= max_frames:
+                break
+    return np.stack(images), np.asarray(times, dtype=np.float64)
+
+
+def paste_needle(image: np.ndarray) -> np.ndarray:
+    out = image.copy()
+    h, w = image.shape[:2]
+    r0, c0 = NEEDLE_CELL
+    y0, y1 = r0 * h // GRID[0], (r0 + 2) * h // GRID[0]
+    x0, x1 = c0 * w // GRID[1], (c0 + 2) * w // GRID[1]
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    checker = ((yy - y0) * 4 // (y1 - y0) + (xx - x0) * 4 // (x1 - x0)) % 2 == 0
+    out[y0:y1, x0:x1] = np.where(checker[..., None], [255, 0, 0], [0, 255, 0]).astype(np.uint8)
+    return out
+
+
+@dataclass
+class MethodStats:
+    tokens_in: int = 0
+    tokens_out: int = 0
+    payload_bytes: int = 0
+    coverage: list[torch.Tensor] = field(default_factory=list)
+    ms: list[float] = field(default_factory=list)
+    needle_cells: int = 0
+    needle_found: int = 0
+    cuts_found: int = 0
+    cuts_expected: int = 0
+    false_cuts: int = 0
+
+
+@dataclass
+class Totals:
+    sampled_frames: int = 0
+    encoded_frames: int = 0
+    encoder_s: float = 0.0
+    empty_frames: int = 0
+    empty_encoded: int = 0
+    methods: dict[str, MethodStats] = field(default_factory=lambda: {m: MethodStats() for m in METHODS})
+
+
+def coverage(inputs: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """[K, C] inputs, [M, C] kept -> [K] cosine of each input to its nearest kept token."""
+    return (F.normalize(inputs.float(), dim=-1) @ F.normalize(kept.float(), dim=-1).T).max(dim=1).values
+
+
+def run_methods(
+    tokens: torch.Tensor,
+    glob: torch.Tensor,
+    spans: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    state: CompressorState | None,
+    config: CompressorConfig,
+) -> tuple[dict[str, tuple[CompressedChunk, float]], CompressorState]:
+    """Compress one chunk with every method; returns {name: (chunk, ms)} and vigil's new state."""
+    t_start, t_end, weight = spans
+    t0 = time.perf_counter()
+    ours, new_state = compress_chunk(tokens, glob, t_start, t_end, weight, grid=GRID, state=state, config=config)
+    out = {"vigil": (ours, (time.perf_counter() - t0) * 1e3)}
+    budget = ours.n_tokens
+    t0 = time.perf_counter()
+    pooled = uniform_pool(tokens, t_start, t_end, weight, GRID, budget=budget)
+    out["uniform"] = (pooled, (time.perf_counter() - t0) * 1e3)
+    generator = torch.Generator().manual_seed(SEED + int(t_start[0]))
+    t0 = time.perf_counter()
+    picked = random_keep(tokens, t_start, t_end, weight, GRID, budget=budget, generator=generator)
+    out["random"] = (picked, (time.perf_counter() - t0) * 1e3)
+    return out, new_state
+
+
+def run_clip(path: Path, encoder: Encoder, config: CompressorConfig, max_frames: int | None, totals: Totals) -> None:
+    images, times = sample_frames(path, max_frames)
+    thumbs = [thumbnail(image) for image in images]
+    period = 1.0 / SAMPLE_FPS
+    # A sampled frame lasts until the next one (frame times jitter around the 1 s grid).
+    ends = np.append(times[1:], times[-1] + period)
+    encoded: dict[int, torch.Tensor] = {}  # sampled frame -> its tokens [N, C] (what the pipeline caches)
+    encoded_glob: dict[int, torch.Tensor] = {}
+    reference: np.ndarray | None = None
+    last_encoded: int | None = None
+    state: CompressorState | None = None
+    found_cuts: list[float] = []
+    for k, i in enumerate(range(0, len(images), CHUNK_FRAMES)):
+        chunk_thumbs = thumbs[i : i + CHUNK_FRAMES]
+        saved = (state, reference, last_encoded)
+        plan = plan_skips(chunk_thumbs, reference)
+        reference = plan.reference
+        todo = [i + j for j in plan.encode]
+        if todo:
+            t0 = time.perf_counter()
+            toks, glob = encoder.encode(images[todo])
+            totals.encoder_s += time.perf_counter() - t0
+            for j, idx in enumerate(todo):
+                encoded[idx], encoded_glob[idx] = toks[j], glob[j]
+            totals.encoded_frames += len(todo)
+        sources = ([last_encoded] if plan.reuse_first else []) + todo
+        last_encoded = todo[-1] if todo else last_encoded
+        totals.sampled_frames += len(chunk_thumbs)
+        if path.name == "one-by-one-person-detection.mp4":
+            for j in range(len(chunk_thumbs)):
+                if any(a <= times[i + j] < b for a, b in EMPTY_STRETCHES_S):
+                    totals.empty_frames += 1
+                    totals.empty_encoded += int(j in plan.encode)
+        tokens = torch.stack([encoded[s] for s in sources])  # [T', N, C]
+        glob = torch.stack([encoded_glob[s] for s in sources])  # [T', G]
+        first = torch.tensor([i + a for a in plan.first])
+        last = torch.tensor([i + b for b in plan.last])
+        t_start = torch.from_numpy(times)[first]
+        spans = (t_start, torch.from_numpy(ends)[last], torch.tensor(plan.weight, dtype=torch.int64))
+        results, state = run_methods(tokens, glob, spans, state, config)
+        found_cuts += [float(t_start[f]) for f in state.cuts.nonzero().squeeze(1).tolist()]
+        flat = tokens.reshape(-1, tokens.shape[-1])
+        for name, (chunk, ms) in results.items():
+            stats = totals.methods[name]
+            stats.tokens_in += chunk.n_input
+            stats.tokens_out += chunk.n_tokens
+            stats.payload_bytes += len(encode_chunk(chunk, "fp16"))
+            stats.coverage.append(coverage(flat, chunk.tokens))
+            stats.ms.append(ms)
+        if k == NEEDLE_CHUNK and len(chunk_thumbs) == CHUNK_FRAMES:
+            # A replay of this chunk; what it encodes is not counted as pipeline cost.
+            needle_trial(
+                images[i : i + CHUNK_FRAMES],
+                times[i : i + CHUNK_FRAMES],
+                ends=ends[i : i + CHUNK_FRAMES],
+                offset=i,
+                saved=saved,
+                cache=(encoded, encoded_glob),
+                encoder=encoder,
+                config=config,
+                totals=totals,
+            )
+    if path.name == "scene-change_3cuts.mp4":
+        for name, stats in totals.methods.items():
+            stats.cuts_expected += len(SCENE_CUTS_S)
+            if name == "vigil":  # the baselines do not segment, so they find no cut
+                hits = [c for c in SCENE_CUTS_S if any(abs(c - f) <= CUT_TOLERANCE_S for f in found_cuts)]
+                stats.cuts_found += len(hits)
+                stats.false_cuts += sum(all(abs(c - f) > CUT_TOLERANCE_S for c in SCENE_CUTS_S) for f in found_cuts)
+    print(f"  {path.name}: {len(images)} frames, cuts at {found_cuts}", flush=True)
+
+
+def needle_trial(
+    images: np.ndarray,
+    times: np.ndarray,
+    *,
+    ends: np.ndarray,
+    offset: int,
+    saved: tuple[CompressorState | None, np.ndarray | None, int | None],
+    cache: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]],
+    encoder: Encoder,
+    config: CompressorConfig,
+    totals: Totals,
+) -> None:
+    """Replay one chunk with a needle in two frames; count needle cells each method remembers.
+
+    Frames the main pass encoded and the needle did not touch reuse their cached tokens; the
+    needle frames (and any frame the needle made "changed") are encoded here.
+    """
+    state, reference, last_encoded = saved
+    cached, cached_glob = cache
+    originals = images
+    images = images.copy()
+    for f in NEEDLE_FRAMES:
+        images[f] = paste_needle(images[f])
+    plan = plan_skips([thumbnail(image) for image in images], reference)
+    if NEEDLE_FRAMES[0] not in plan.encode:
+        raise RuntimeError(f"the needle frame at {times[NEEDLE_FRAMES[0]]:.1f} s was skipped: the skip check missed it")
+    fresh = [j for j in plan.encode if j in NEEDLE_FRAMES or offset + j not in cached]
+    new_t, new_g = encoder.encode(np.concatenate([images[fresh], originals[NEEDLE_FRAMES[0] : NEEDLE_FRAMES[0] + 1]]))
+    by_frame = {j: (new_t[n], new_g[n]) for n, j in enumerate(fresh)}
+    rows = []
+    if plan.reuse_first:
+        assert last_encoded is not None
+        rows.append((cached[last_encoded], cached_glob[last_encoded]))
+    rows += [by_frame.get(j, (cached.get(offset + j), cached_glob.get(offset + j))) for j in plan.encode]
+    toks = torch.stack([r[0] for r in rows])  # [T', N, C]
+    glob = torch.stack([r[1] for r in rows])  # [T', G]
+    clean = new_t[-1]  # [N, C] the first needle frame without the needle
+    t_start = torch.from_numpy(times)[torch.tensor(plan.first)]
+    t_end = torch.from_numpy(ends)[torch.tensor(plan.last)]
+    results, _ = run_methods(toks, glob, (t_start, t_end, torch.tensor(plan.weight, dtype=torch.int64)), state, config)
+    k = plan.first.index(NEEDLE_FRAMES[0])
+    needle_from, needle_to = float(times[NEEDLE_FRAMES[0]]), float(ends[NEEDLE_FRAMES[1]])
+    r0, c0 = NEEDLE_CELL
+    cells = [(r0 + dr) * GRID[1] + c0 + dc for dr in (0, 1) for dc in (0, 1)]
+    for name, (chunk, _) in results.items():
+        stats = totals.methods[name]
+        overlaps = (chunk.t_first < needle_to) & (chunk.t_last > needle_from)  # [M]
+        kept = F.normalize(chunk.tokens.float(), dim=-1)  # [M, C]
+        for cell in cells:
+            needle = F.normalize(toks[k, cell].float(), dim=-1)
+            background = F.normalize(clean[cell].float(), dim=-1)
+            # Remembered: a kept token of the needle's time is closer to the needle than the
+            # background was (halfway to identical), whatever the feature space's cosine scale.
+            bar = (1.0 + float(needle @ background)) / 2.0
+            stats.needle_cells += 1
+            stats.needle_found += int(bool((overlaps & (kept @ needle >= bar)).any()))
+
+
+def summarise(totals: Totals, hours: float) -> dict[str, dict[str, float | None]]:
+    out: dict[str, dict[str, float | None]] = {}
+    for name, s in totals.methods.items():
+        cov = torch.cat(s.coverage)
+        out[name] = {
+            "kept_ratio": s.tokens_out / s.tokens_in,
+            "coverage_mean": float(cov.mean()),
+            "coverage_p5": float(torch.quantile(cov, 0.05)),
+            "needle_survival": s.needle_found / s.needle_cells if s.needle_cells else None,
+            "scene_cut_recall": s.cuts_found / s.cuts_expected if s.cuts_expected else None,
+            "bytes_per_camera_hour": s.payload_bytes / hours,
+            "ms_per_chunk": statistics.fmean(s.ms),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="write the per-method figures here")
+    parser.add_argument("--encoder", choices=("pixel", "llava-ov-0.5b"), default="pixel")
+    parser.add_argument("--max-frames", type=int, help="sampled frames per clip (default: all; 40 for llava-ov-0.5b)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    max_frames = args.max_frames or (40 if args.encoder == "llava-ov-0.5b" else None)
+    encoder = pixel_encoder() if args.encoder == "pixel" else llava_ov_encoder(torch.bfloat16)
+    config = CONFIGS[args.encoder]
+    totals = Totals()
+    print(
+        f"encoder {encoder.name}, {max_frames or 'all'} frames per clip at {SAMPLE_FPS:g} fps, chunks of {CHUNK_FRAMES}"
+    )
+    for path in sorted(DATA.glob("*.mp4")):
+        run_clip(path, encoder, config, max_frames, totals)
+    hours = totals.sampled_frames / SAMPLE_FPS / 3600.0
+    figures = summarise(totals, hours)
+
+    sampled_tokens = totals.sampled_frames * GRID[0] * GRID[1]
+    print(f"\n{'method':<8} {'tok in':>8} {'tok out':>8} {'kept':>7} {'vs sampled':>10} {'MB/cam-h':>9} "
+          f"{'cov mean':>8} {'cov p5':>7} {'needle':>7} {'cuts':>5} {'ms/chunk':>9}")  # fmt: skip
+    for name, f in figures.items():
+        s = totals.methods[name]
+        needle = "-" if f["needle_survival"] is None else f"{f['needle_survival']:.0%}"
+        cuts = "-" if f["scene_cut_recall"] is None else f"{f['scene_cut_recall']:.0%}"
+        print(
+            f"{name:<8} {s.tokens_in:>8} {s.tokens_out:>8} {f['kept_ratio']:>7.2%} "
+            f"{s.tokens_out / sampled_tokens:>10.2%} {f['bytes_per_camera_hour'] / 1e6:>9.2f} "
+            f"{f['coverage_mean']:>8.3f} {f['coverage_p5']:>7.3f} {needle:>7} {cuts:>5} {f['ms_per_chunk']:>9.2f}"
+        )
+    vigil = totals.methods["vigil"]
+    saved_calls = 1 - totals.encoded_frames / totals.sampled_frames
+    per_frame_s = totals.encoder_s / max(totals.encoded_frames, 1)
+    n_chunks = len(vigil.ms)
+    print(f"\nvigil false scene cuts: {vigil.false_cuts}")
+    print(
+        f"skip unchanged: encoded {totals.encoded_frames}/{totals.sampled_frames} sampled frames "
+        f"({saved_calls:.0%} encoder calls saved, ~{saved_calls * totals.sampled_frames * per_frame_s:.1f} s "
+        f"of {totals.sampled_frames * per_frame_s:.1f} s encoder time at {per_frame_s * 1e3:.1f} ms/frame)"
+    )
+    if totals.empty_frames:
+        print(
+            f"  over the empty stretches of one-by-one-person-detection.mp4: "
+            f"{1 - totals.empty_encoded / totals.empty_frames:.0%} saved "
+            f"({totals.empty_encoded}/{totals.empty_frames} encoded)"
+        )
+    encoder_ms_per_chunk = totals.encoder_s * 1e3 / n_chunks
+    full_chunk_ms = per_frame_s * 1e3 * CHUNK_FRAMES
+    print(
+        f"compression time: {statistics.fmean(vigil.ms):.1f} ms/chunk = "
+        f"{statistics.fmean(vigil.ms) / encoder_ms_per_chunk:.1%} of the encoder time per chunk after skipping "
+        f"({encoder_ms_per_chunk:.0f} ms), {statistics.fmean(vigil.ms) / full_chunk_ms:.1%} of encoding "
+        f"all {CHUNK_FRAMES} frames ({full_chunk_ms:.0f} ms)"
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"methods": figures}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

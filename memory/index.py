@@ -1,0 +1,472 @@
+"""VectorIndex: exact retrieval over chunk vectors with camera and time filters.
+
+Design: one shard per camera, its vectors kept in start-time order in one contiguous float32
+matrix. A camera + time filter then selects a contiguous row slice (two binary searches on the
+start times), and only that slice is scored, exactly, with FAISS's brute-force inner-product
+kernel (``faiss.knn``, the kernel behind ``IndexFlatIP``). Cost grows with the rows inside the
+filter, not with the size of the index, and results equal a brute-force scan. Unfiltered search
+scans every shard and merges.
+
+Why not a FAISS index object: ``IndexHNSW*`` cannot remove vectors (retention), IVF needs training
+and is approximate, and ``IndexIDMap2(IndexFlatIP)`` scores every vector before filtering
+(about 110 ms per query at 1M vectors here). Keeping the rows ourselves also makes retention
+cheap: dropping the oldest rows of a shard moves a start offset.
+
+Concurrency: mutations build new arrays or write rows past the visible end, never rows a reader
+can see, so search and save take views under a short lock and do the heavy work outside it
+(call them from worker threads; they release the GIL inside FAISS and numpy).
+
+The index is derived from Redis (memory/store.py): ``catch_up`` makes it agree with the store,
+``save`` writes it atomically (temp file, fsync, ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import tempfile
+import threading
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import faiss
+import numpy as np
+
+from memory.keys import check_camera
+
+if TYPE_CHECKING:
+    from memory.store import ChunkMeta, MemoryStore
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+# Shards start with room for this many rows. When full they grow by half their live rows: appends
+# stay amortised O(1), and a bulk load (catch-up of a whole camera) allocates no more than it needs.
+INITIAL_CAPACITY = 256
+GROWTH_SHARE = 0.5
+# Retention advances a shard's start offset; the dead rows are reclaimed once they make up more
+# than this share of the shard, so memory is bounded without a copy on every retention pass.
+COMPACT_DEAD_SHARE = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class IndexHit:
+    """One search result."""
+
+    camera: str
+    chunk_id: int
+    start_s: float
+    end_s: float
+    score: float  # inner product with the query (cosine for L2-normalised vectors)
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    """Read-only snapshot of a shard's live rows."""
+
+    vectors: np.ndarray  # [K, D] float32
+    starts: np.ndarray  # [K] float64
+    ends: np.ndarray  # [K] float64
+    ids: np.ndarray  # [K] int64
+    max_span_s: float
+
+
+class _Shard:
+    """One camera's rows, sorted by start time; rows [head, n) of the arrays are live."""
+
+    def __init__(self, dim: int, capacity: int = INITIAL_CAPACITY) -> None:
+        self.vectors = np.empty((capacity, dim), dtype=np.float32)  # [cap, D]
+        self.starts = np.empty(capacity, dtype=np.float64)  # [cap]
+        self.ends = np.empty(capacity, dtype=np.float64)  # [cap]
+        self.ids = np.empty(capacity, dtype=np.int64)  # [cap]
+        self.head = 0
+        self.n = 0
+        self.max_span_s = 0.0
+
+    def __len__(self) -> int:
+        return self.n - self.head
+
+    def view(self) -> _View:
+        sl = slice(self.head, self.n)
+        return _View(self.vectors[sl], self.starts[sl], self.ends[sl], self.ids[sl], self.max_span_s)
+
+    def _replace(
+        self, vectors: np.ndarray, starts: np.ndarray, ends: np.ndarray, ids: np.ndarray, spare: int = 0
+    ) -> None:
+        """Install fresh arrays holding these rows, with room for ``spare`` more plus growth headroom.
+
+        Fresh arrays, never writes into the old ones: views handed out earlier stay valid.
+        """
+        count = len(ids)
+        cap = max(INITIAL_CAPACITY, count + spare + int(GROWTH_SHARE * count))
+        self.vectors = np.empty((cap, vectors.shape[1]), dtype=np.float32)
+        self.starts = np.empty(cap, dtype=np.float64)
+        self.ends = np.empty(cap, dtype=np.float64)
+        self.ids = np.empty(cap, dtype=np.int64)
+        self.vectors[:count] = vectors
+        self.starts[:count] = starts
+        self.ends[:count] = ends
+        self.ids[:count] = ids
+        self.head, self.n = 0, count
+
+    def add(self, vectors: np.ndarray, starts: np.ndarray, ends: np.ndarray, ids: np.ndarray) -> None:
+        """Add rows (vectors [M, D]; starts, ends, ids [M]); rows must be new."""
+        if len(ids) == 0:
+            return
+        self.max_span_s = max(self.max_span_s, float(np.max(ends - starts)))
+        in_order = bool(np.all(np.diff(starts) >= 0)) and (
+            self.n == self.head or starts[0] >= self.starts[self.n - 1]
+        )
+        if not in_order:
+            # Out-of-order arrivals (catch-up, late retries) are rare: merge and re-sort once.
+            live = self.view()
+            all_starts = np.concatenate([live.starts, starts])
+            order = np.argsort(all_starts, kind="stable")
+            self._replace(
+                np.concatenate([live.vectors, vectors])[order],
+                all_starts[order],
+                np.concatenate([live.ends, ends])[order],
+                np.concatenate([live.ids, ids])[order],
+            )
+            return
+        count = len(ids)
+        if self.n + count > len(self.ids):
+            live = self.view()
+            self._replace(live.vectors, live.starts, live.ends, live.ids, spare=count)
+        # Rows past n are invisible to existing views, so readers are not disturbed.
+        end = self.n + count
+        self.vectors[self.n : end] = vectors
+        self.starts[self.n : end] = starts
+        self.ends[self.n : end] = ends
+        self.ids[self.n : end] = ids
+        self.n = end
+
+    def drop_before(self, cutoff_s: float) -> np.ndarray:
+        """Drop rows that start before ``cutoff_s``; return their ids."""
+        live = self.view()
+        k = int(np.searchsorted(live.starts, cutoff_s, side="left"))
+        dropped = live.ids[:k].copy()
+        self.head += k
+        if self.head > COMPACT_DEAD_SHARE * self.n:
+            live = self.view()
+            self._replace(live.vectors, live.starts, live.ends, live.ids)
+        return dropped
+
+    def remove(self, ids: np.ndarray) -> int:
+        live = self.view()
+        keep = ~np.isin(live.ids, ids)
+        removed = int(len(keep) - keep.sum())
+        if removed:
+            self._replace(live.vectors[keep], live.starts[keep], live.ends[keep], live.ids[keep])
+        return removed
+
+
+def _slice_search(
+    view: _View, query: np.ndarray, k: int, after_s: float | None, before_s: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k rows of one shard overlapping [after_s, before_s): (scores [k'], row indices [k'])."""
+    starts = view.starts
+    hi = len(starts) if before_s is None else int(np.searchsorted(starts, before_s, side="left"))
+    if after_s is None:
+        lo_full = 0
+        extra = np.empty(0, dtype=np.int64)
+    else:
+        # Rows starting at or after after_s overlap for sure (end_s > start_s); rows that start
+        # up to max_span_s earlier overlap only if they end after after_s.
+        lo_full = min(hi, int(np.searchsorted(starts, after_s, side="left")))
+        lo_any = int(np.searchsorted(starts, after_s - view.max_span_s, side="left"))
+        lo_any = min(lo_any, lo_full)
+        extra = lo_any + np.flatnonzero(view.ends[lo_any:lo_full] > after_s)
+    scores_parts: list[np.ndarray] = []
+    rows_parts: list[np.ndarray] = []
+    n_main = hi - lo_full
+    if n_main > 0:
+        dist, lab = faiss.knn(query, view.vectors[lo_full:hi], min(k, n_main), faiss.METRIC_INNER_PRODUCT)
+        scores_parts.append(dist[0])  # [k']
+        rows_parts.append(lab[0] + lo_full)
+    if len(extra):
+        scores_parts.append(view.vectors[extra] @ query[0])  # [E]
+        rows_parts.append(extra)
+    if not scores_parts:
+        return np.empty(0, dtype=np.float32), np.empty(0, dtype=np.int64)
+    return np.concatenate(scores_parts), np.concatenate(rows_parts)
+
+
+class VectorIndex:
+    """Chunk vectors of all cameras; exact inner-product search with camera and time filters."""
+
+    def __init__(self, dim: int) -> None:
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        self.dim = dim
+        self._shards: dict[str, _Shard] = {}
+        self._camera_of: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._camera_of)
+
+    def __contains__(self, chunk_id: object) -> bool:
+        return chunk_id in self._camera_of
+
+    def cameras(self) -> list[str]:
+        with self._lock:
+            return sorted(name for name, shard in self._shards.items() if len(shard))
+
+    def ids(self, camera: str | None = None) -> set[int]:
+        """Chunk ids in the index (of one camera, or all)."""
+        with self._lock:
+            if camera is None:
+                return set(self._camera_of)
+            shard = self._shards.get(camera)
+            return set() if shard is None else {int(i) for i in shard.view().ids}
+
+    # ------------------------------------------------------------------ mutation
+
+    def _check_vectors(self, vectors: np.ndarray) -> np.ndarray:
+        vecs = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vecs.ndim != 2 or vecs.shape[1] != self.dim:
+            raise ValueError(f"vectors must have shape [M, {self.dim}], got {tuple(vecs.shape)}")
+        if not np.isfinite(vecs).all():
+            raise ValueError("vectors contain NaN or infinity")
+        return vecs
+
+    def add(self, meta: ChunkMeta, vector: np.ndarray) -> bool:
+        """Add one chunk's vector [D]; False if its id is already indexed (idempotent)."""
+        return self.add_many([meta], np.asarray(vector, dtype=np.float32).reshape(1, -1)) == 1
+
+    def add_many(self, metas: list[ChunkMeta], vectors: np.ndarray) -> int:
+        """Add chunks (vectors [M, D], one row per meta); ids already indexed are skipped.
+
+        Returns the number added.
+        """
+        vecs = self._check_vectors(vectors)  # [M, D]
+        if len(metas) != len(vecs):
+            raise ValueError(f"{len(metas)} metas for {len(vecs)} vectors")
+        for meta in metas:
+            check_camera(meta.camera)
+            if not (math.isfinite(meta.start_s) and math.isfinite(meta.end_s) and meta.end_s > meta.start_s):
+                raise ValueError(f"chunk {meta.camera}/{meta.chunk_id}: need finite start_s < end_s")
+        added = 0
+        with self._lock:
+            by_camera: dict[str, list[int]] = {}
+            seen: set[int] = set()
+            for row, meta in enumerate(metas):
+                if meta.chunk_id in self._camera_of or meta.chunk_id in seen:
+                    continue
+                seen.add(meta.chunk_id)
+                by_camera.setdefault(meta.camera, []).append(row)
+            for camera, rows in by_camera.items():
+                shard = self._shards.get(camera)
+                if shard is None:
+                    shard = self._shards[camera] = _Shard(self.dim)
+                ms = [metas[r] for r in rows]
+                starts = np.array([m.start_s for m in ms], dtype=np.float64)
+                order = np.argsort(starts, kind="stable")
+                shard.add(
+                    vecs[rows][order],
+                    starts[order],
+                    np.array([m.end_s for m in ms], dtype=np.float64)[order],
+                    np.array([m.chunk_id for m in ms], dtype=np.int64)[order],
+                )
+                for m in ms:
+                    self._camera_of[m.chunk_id] = camera
+                added += len(rows)
+        return added
+
+    def remove(self, chunk_ids: list[int] | np.ndarray) -> int:
+        """Remove chunks by id (unknown ids are ignored); returns the number removed."""
+        removed = 0
+        with self._lock:
+            by_camera: dict[str, list[int]] = {}
+            for chunk_id in (int(i) for i in chunk_ids):
+                camera = self._camera_of.pop(chunk_id, None)
+                if camera is not None:
+                    by_camera.setdefault(camera, []).append(chunk_id)
+            for camera, ids in by_camera.items():
+                removed += self._shards[camera].remove(np.asarray(ids, dtype=np.int64))
+        return removed
+
+    def remove_before(self, camera: str, cutoff_s: float) -> int:
+        """Drop chunks of ``camera`` that start before ``cutoff_s`` (retention); returns the count."""
+        with self._lock:
+            shard = self._shards.get(camera)
+            if shard is None:
+                return 0
+            dropped = shard.drop_before(cutoff_s)
+            for chunk_id in dropped:
+                self._camera_of.pop(int(chunk_id), None)
+        return len(dropped)
+
+    # ------------------------------------------------------------------ search
+
+    def search(
+        self,
+        query: np.ndarray,
+        k: int,
+        cameras: set[str] | None = None,
+        after_s: float | None = None,
+        before_s: float | None = None,
+    ) -> list[IndexHit]:
+        """The ``k`` chunks with the highest inner product with ``query`` [D], best first.
+
+        Only chunks of ``cameras`` (None: all) overlapping [after_s, before_s) are considered
+        (``start_s < before_s`` and ``end_s > after_s``; None: unbounded). Fewer than ``k`` hits
+        come back when fewer chunks match. Ties are broken by chunk id.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)  # [1, D]
+        if q.shape[1] != self.dim or np.ndim(query) != 1:
+            raise ValueError(f"query must have shape [{self.dim}], got {tuple(np.shape(query))}")
+        if not np.isfinite(q).all():
+            raise ValueError("query contains NaN or infinity")
+        with self._lock:
+            names = self._shards.keys() if cameras is None else [c for c in cameras if c in self._shards]
+            views = [(name, self._shards[name].view()) for name in sorted(names)]
+        candidates: list[tuple[float, int, str, int]] = []  # (score, chunk id, camera, row)
+        for name, view in views:
+            scores, rows = _slice_search(view, q, k, after_s, before_s)
+            candidates.extend(
+                (float(s), int(view.ids[r]), name, int(r)) for s, r in zip(scores, rows, strict=True)
+            )
+        candidates.sort(key=lambda c: (-c[0], c[1]))
+        by_name = dict(views)
+        return [
+            IndexHit(name, chunk_id, float(by_name[name].starts[r]), float(by_name[name].ends[r]), score)
+            for score, chunk_id, name, r in candidates[:k]
+        ]
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | Path) -> None:
+        """Write the index to ``path`` atomically: a crash mid-save leaves the previous file."""
+        path = Path(path)
+        with self._lock:
+            views = {name: shard.view() for name, shard in self._shards.items() if len(shard)}
+        names = sorted(views)
+        arrays: dict[str, np.ndarray] = {
+            "format": np.array([FORMAT_VERSION, self.dim], dtype=np.int64),
+            "cameras": np.array(names, dtype=np.str_),
+            "max_span_s": np.array([views[n].max_span_s for n in names], dtype=np.float64),
+        }
+        for i, name in enumerate(names):
+            view = views[name]
+            arrays[f"vectors_{i}"] = view.vectors
+            arrays[f"starts_{i}"] = view.starts
+            arrays[f"ends_{i}"] = view.ends
+            arrays[f"ids_{i}"] = view.ids
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, allow_pickle=False, **arrays)  # type: ignore[arg-type]
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+            raise
+        # The rename is durable only once the directory entry is on disk.
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        logger.debug("saved index (%d chunks) to %s", sum(len(v.ids) for v in views.values()), path)
+
+    @classmethod
+    def load(cls, path: str | Path, dim: int) -> VectorIndex:
+        """Read an index written by ``save``.
+
+        FileNotFoundError if there is none; ValueError if the file is not an index of this format
+        or its ``dim`` differs.
+        """
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+        except FileNotFoundError:
+            raise
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{path}: not a readable vigil index ({exc})") from exc
+        try:
+            version, file_dim = (int(v) for v in arrays["format"])
+            names = [str(n) for n in arrays["cameras"]]
+            shards = [
+                (arrays[f"vectors_{i}"], arrays[f"starts_{i}"], arrays[f"ends_{i}"], arrays[f"ids_{i}"])
+                for i in range(len(names))
+            ]
+            spans = arrays["max_span_s"]
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{path}: not a readable vigil index (missing or bad field {exc})") from exc
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{path}: index format {version}, this vigil reads {FORMAT_VERSION}")
+        if file_dim != dim:
+            raise ValueError(f"{path}: index has dim {file_dim}, expected {dim} (embedder changed?)")
+        index = cls(dim)
+        for name, (vectors, starts, ends, ids), span in zip(names, shards, spans, strict=True):
+            shard = _Shard(dim)
+            shard._replace(vectors, starts, ends, ids)
+            shard.max_span_s = float(span)
+            index._shards[name] = shard
+            index._camera_of.update((int(chunk_id), name) for chunk_id in ids)
+        return index
+
+    @classmethod
+    def load_or_new(cls, path: str | Path, dim: int) -> VectorIndex:
+        """``load``, or an empty index when the file is missing or unusable (catch_up refills it)."""
+        try:
+            index = cls.load(path, dim)
+        except FileNotFoundError:
+            logger.info("no index at %s: starting empty, it will be rebuilt from Redis", path)
+            return cls(dim)
+        except ValueError as exc:
+            logger.warning("ignoring index file (%s): it will be rebuilt from Redis", exc)
+            return cls(dim)
+        logger.info("loaded index of %d chunks from %s", len(index), path)
+        return index
+
+    # ------------------------------------------------------------------ agreement with Redis
+
+    async def catch_up(self, store: MemoryStore) -> tuple[int, int]:
+        """Make the index hold exactly the chunks the store holds; returns (added, removed).
+
+        Adds what Redis has and the index lacks (vectors read from Redis) and drops what Redis no
+        longer has (retention, or chunks indexed whose write never reached Redis). An id absent
+        from the timeline snapshot is re-checked in Redis before removal, so chunks written while
+        catch-up runs survive. Vectors of another dimension are skipped and logged.
+        """
+        added = removed = 0
+        store_cameras = set(await store.cameras())
+        for camera in sorted(store_cameras):
+            ids, _ = await store.timeline(camera)
+            in_redis = {int(i) for i in ids}
+            in_index = self.ids(camera)
+            missing = sorted(in_redis - in_index)
+            if missing:
+                rows = await store.get_vectors(camera, missing)
+                good = [(m, v) for m, v in rows if v.shape == (self.dim,)]
+                if len(good) < len(rows):
+                    logger.warning(
+                        "catch-up %s: skipped %d vectors whose dim is not %d",
+                        camera,
+                        len(rows) - len(good),
+                        self.dim,
+                    )
+                if good:
+                    added += self.add_many([m for m, _ in good], np.stack([v for _, v in good]))
+            extra = sorted(in_index - in_redis)
+            if extra:
+                still_there = {m.chunk_id for m, _ in await store.get_vectors(camera, extra)}
+                removed += self.remove([i for i in extra if i not in still_there])
+        for camera in set(self.cameras()) - store_cameras:
+            removed += self.remove(sorted(self.ids(camera)))
+        if added or removed:
+            logger.info("index caught up with Redis: %d chunks added, %d removed", added, removed)
+        return added, removed

@@ -1,0 +1,74 @@
+"""Every Redis key vigil writes, in one place.
+
+Per-camera keys wrap the camera name in a Redis Cluster hash tag (``{front_door}``), so all keys of
+one camera hash to the same slot and a transaction over them (chunk hash + time index) is legal
+in a cluster. No command in vigil touches keys of two cameras at once; the only global key is the
+set of camera names, and it is always written and read on its own.
+
+Layout (``P`` is the configured key prefix, ``C`` a camera name):
+
+| key | type | contents |
+|---|---|---|
+| ``P:cameras`` | set | camera names that have memory |
+| ``P:{C}:timeline`` | sorted set | member = chunk id (decimal), score = chunk start in UTC ms |
+| ``P:{C}:chunk:<id>`` | hash | ``meta`` (JSON), ``payload`` (codec bytes), ``vec`` (float32 bytes) |
+| ``P:{C}:outages`` | hash | field = outage start in UTC ms, value = JSON record |
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Camera names end up inside a hash tag and between ':' separators, so braces, ':' and whitespace
+# would break the tag or make keys ambiguous. streamer/settings.py enforces a stricter rule; this
+# is the store's own guard, because memory/ must not import streamer/.
+_CAMERA_RE = re.compile(r"^[^{}:\s]{1,128}$")
+_PREFIX_RE = re.compile(r"^[^{}\s]{1,128}$")
+
+
+def check_camera(camera: str) -> str:
+    """Return ``camera`` if it can be used inside a key; raise ValueError naming the problem."""
+    if not isinstance(camera, str) or not _CAMERA_RE.match(camera):
+        raise ValueError(
+            f"camera name {camera!r} cannot be used in a Redis key: use 1-128 characters without "
+            "braces, ':' or whitespace"
+        )
+    return camera
+
+
+@dataclass(frozen=True, slots=True)
+class RedisKeys:
+    """Key names under one prefix."""
+
+    prefix: str
+
+    def __post_init__(self) -> None:
+        if not _PREFIX_RE.match(self.prefix):
+            raise ValueError(
+                f"key prefix {self.prefix!r} must be 1-128 characters without braces or whitespace"
+            )
+
+    def cameras(self) -> str:
+        """Set of camera names that have memory (the only key not tied to one camera)."""
+        return f"{self.prefix}:cameras"
+
+    def camera_tag(self, camera: str) -> str:
+        """The hash tag every key of ``camera`` carries."""
+        return "{" + check_camera(camera) + "}"
+
+    def timeline(self, camera: str) -> str:
+        """Sorted set of the camera's chunk ids scored by start time in ms."""
+        return f"{self.prefix}:{self.camera_tag(camera)}:timeline"
+
+    def chunk(self, camera: str, chunk_id: int) -> str:
+        """Hash of one chunk: metadata, payload bytes and retrieval vector."""
+        return f"{self.prefix}:{self.camera_tag(camera)}:chunk:{chunk_id}"
+
+    def outages(self, camera: str) -> str:
+        """Hash of the camera's outage records keyed by start time in ms."""
+        return f"{self.prefix}:{self.camera_tag(camera)}:outages"
+
+    def camera_keys(self, camera: str, chunk_id: int) -> list[str]:
+        """Every per-camera key form (for tests and tools that check slot placement)."""
+        return [self.timeline(camera), self.chunk(camera, chunk_id), self.outages(camera)]

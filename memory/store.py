@@ -1,0 +1,500 @@
+"""MemoryStore: chunk payloads, metadata, retrieval vectors and outages in Redis.
+
+Redis is the source of truth; the FAISS index (memory/index.py) is derived from it and can always
+be rebuilt, which is why the retrieval vector is stored here too. The store is I/O only: payloads
+are opaque bytes (encoded by memory/codec.py before they reach us) and vectors are copied as
+float32 bytes.
+
+Per camera (key names in memory/keys.py, all under the camera's hash tag):
+
+* a hash per chunk with its metadata, payload and vector;
+* a sorted set ``timeline`` (member = chunk id, score = start time in ms) that answers time-range
+  and "latest" queries and drives retention. A sorted set rather than a Stream because chunks can
+  arrive out of order (retries after an outage, re-imports) and a retried write must be a no-op:
+  ``ZADD`` of an existing member is idempotent, while ``XADD`` refuses ids below the stream top.
+* a hash of outage records.
+
+A chunk's hash and its timeline entry are written and deleted in one MULTI/EXEC; both keys share a
+slot, so this also holds in Redis Cluster.
+
+Writes that fail because Redis is away are kept in a bounded buffer and retried by
+``run_retry_loop``; when the buffer is full the oldest write is dropped, counted and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import redis.exceptions as redis_errors
+
+from memory.keys import RedisKeys, check_camera
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+logger = logging.getLogger(__name__)
+
+MS_PER_S = 1000.0
+# Chunk ids are FAISS labels, which are signed int64; 63 bits keep them non-negative.
+CHUNK_ID_MASK = (1 << 63) - 1
+# Longest span a chunk may cover. The camera config caps chunk_s at 120 s; the margin leaves room
+# for the last frame's duration and imports with coarse sampling. Time-range queries look this far
+# back for chunks that started before the window but reach into it.
+MAX_CHUNK_SPAN_S = 300.0
+# Ids fetched or deleted per round trip: keeps each Redis command short so other clients
+# (the question path) are not stalled behind a bulk scan or a large retention pass.
+BATCH_IDS = 1000
+# How often the retry loop tries buffered writes while Redis is away.
+RETRY_INTERVAL_S = 1.0
+# At shutdown, buffered writes get this long to reach Redis before they are reported lost.
+SHUTDOWN_FLUSH_S = 5.0
+
+# Errors that mean "Redis is unreachable or cannot take writes right now": the write is buffered
+# and retried. Any other error is a bug or bad input and propagates.
+REDIS_AWAY_ERRORS: tuple[type[Exception], ...] = (
+    redis_errors.ConnectionError,  # includes refused connections, BusyLoadingError, auth failures
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,  # a replica during failover
+    redis_errors.OutOfMemoryError,  # maxmemory reached: retention will free space
+    redis_errors.ExecAbortError,  # a MULTI refused for the same reasons
+    redis_errors.MasterDownError,
+    redis_errors.TryAgainError,
+    redis_errors.ClusterDownError,
+)
+
+
+def chunk_id_for(camera: str, start_s: float) -> int:
+    """Deterministic non-negative 63-bit id of the chunk of ``camera`` starting at ``start_s``.
+
+    Derived from the camera and the start time in whole ms, so a retried or repeated write of the
+    same chunk lands on the same keys without a Redis round trip to allocate an id.
+    """
+    _check_time("start_s", start_s)
+    start_ms = round(start_s * MS_PER_S)
+    digest = hashlib.blake2b(f"{camera}\x00{start_ms}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & CHUNK_ID_MASK
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkMeta:
+    """What is known about a stored chunk without decoding its payload."""
+
+    camera: str
+    chunk_id: int  # chunk_id_for(camera, start_s)
+    start_s: float  # UTC epoch seconds of the first frame
+    end_s: float  # UTC epoch seconds of the end of the span the chunk covers
+    n_frames: int  # frames in the chunk
+    n_input_tokens: int  # visual tokens the encoder produced
+    n_tokens: int  # tokens kept after compression
+    codec: str  # codec name and version of the payload, e.g. "fp16/v1"
+
+    @classmethod
+    def create(
+        cls,
+        camera: str,
+        start_s: float,
+        end_s: float,
+        *,
+        n_frames: int,
+        n_input_tokens: int,
+        n_tokens: int,
+        codec: str,
+    ) -> ChunkMeta:
+        """A ChunkMeta whose id is derived with chunk_id_for."""
+        return cls(camera, chunk_id_for(camera, start_s), start_s, end_s, n_frames, n_input_tokens, n_tokens, codec)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ChunkMeta:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True, slots=True)
+class OutageRecord:
+    """A span in which a camera delivered no frames (memory's copy of streamer's Outage)."""
+
+    camera: str
+    start_s: float
+    end_s: float | None  # None while the camera is still offline
+    reason: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> OutageRecord:
+        return cls(**json.loads(text))
+
+
+@dataclass(slots=True)
+class StoreStats:
+    """Counters since the store was created."""
+
+    written: int = 0  # writes that reached Redis (direct or retried)
+    buffered: int = 0  # writes that went to the retry buffer
+    dropped: int = 0  # buffered writes lost because the buffer was full
+    retried: int = 0  # buffered writes that later reached Redis
+
+
+@dataclass(frozen=True, slots=True)
+class _PendingChunk:
+    meta: ChunkMeta
+    payload: bytes
+    vector: bytes  # float32 [D]
+
+
+@dataclass(frozen=True, slots=True)
+class _PendingOutage:
+    record: OutageRecord
+
+
+_Pending = _PendingChunk | _PendingOutage
+
+
+def _check_time(name: str, value: float) -> None:
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number of UTC epoch seconds, got {value!r}")
+
+
+def _check_chunk(meta: ChunkMeta, payload: bytes, vector: np.ndarray) -> np.ndarray:
+    """Validate one chunk write; return the vector as contiguous float32 [D]."""
+    check_camera(meta.camera)
+    _check_time("start_s", meta.start_s)
+    _check_time("end_s", meta.end_s)
+    if not meta.start_s < meta.end_s <= meta.start_s + MAX_CHUNK_SPAN_S:
+        raise ValueError(
+            f"chunk of {meta.camera!r} spans {meta.start_s!r}..{meta.end_s!r}: end_s must be after start_s "
+            f"and at most {MAX_CHUNK_SPAN_S:g} s later"
+        )
+    expected_id = chunk_id_for(meta.camera, meta.start_s)
+    if meta.chunk_id != expected_id:
+        raise ValueError(
+            f"chunk_id {meta.chunk_id} is not chunk_id_for({meta.camera!r}, {meta.start_s!r}) = {expected_id}"
+        )
+    for name in ("n_frames", "n_input_tokens", "n_tokens"):
+        if getattr(meta, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(meta, name)}")
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise TypeError(f"payload must be bytes (encode it with memory.codec first), got {type(payload).__name__}")
+    vec = np.ascontiguousarray(vector, dtype=np.float32)  # [D]
+    if vec.ndim != 1 or vec.size == 0:
+        raise ValueError(f"vector must have shape [D], got {tuple(np.shape(vector))}")
+    if not np.isfinite(vec).all():
+        raise ValueError("vector contains NaN or infinity")
+    return vec
+
+
+def _ms(value_s: float) -> int:
+    return round(value_s * MS_PER_S)
+
+
+class MemoryStore:
+    """Chunks, vectors and outages of every camera in one Redis (or Redis Cluster)."""
+
+    def __init__(self, redis: Redis, *, key_prefix: str, buffer_chunks: int = 512) -> None:
+        if buffer_chunks < 1:
+            raise ValueError(f"buffer_chunks must be >= 1, got {buffer_chunks}")
+        self._redis = redis
+        self.keys = RedisKeys(key_prefix)
+        self._buffer_max = buffer_chunks
+        self._pending: deque[_Pending] = deque()
+        self._flush_lock = asyncio.Lock()
+        self._away = False
+        self._dropped_this_outage = 0
+        self.stats = StoreStats()
+
+    @property
+    def pending(self) -> int:
+        """Writes waiting in the retry buffer."""
+        return len(self._pending)
+
+    # ------------------------------------------------------------------ writes
+
+    async def put_chunk(self, meta: ChunkMeta, payload: bytes, vector: np.ndarray) -> bool:
+        """Store one chunk; True when it reached Redis, False when it was buffered for retry.
+
+        ``vector`` is the chunk's retrieval embedding, shape [D]. Invalid input raises ValueError
+        or TypeError before anything is written or buffered.
+        """
+        vec = _check_chunk(meta, payload, vector)  # [D] float32
+        return await self._put(_PendingChunk(meta, bytes(payload), vec.tobytes()))
+
+    async def put_outage(self, record: OutageRecord) -> bool:
+        """Store or update (same camera and start) an outage; False when buffered for retry."""
+        check_camera(record.camera)
+        _check_time("start_s", record.start_s)
+        if record.end_s is not None:
+            _check_time("end_s", record.end_s)
+            if record.end_s < record.start_s:
+                raise ValueError(f"outage end_s {record.end_s!r} is before start_s {record.start_s!r}")
+        return await self._put(_PendingOutage(record))
+
+    async def _put(self, item: _Pending) -> bool:
+        # While writes are waiting, Redis is known to be away: queue behind them instead of paying
+        # a connection timeout per write. The retry loop notices when Redis is back.
+        if self._pending:
+            self._buffer(item)
+            return False
+        try:
+            await self._write(item)
+        except REDIS_AWAY_ERRORS as exc:
+            self._went_away(exc)
+            self._buffer(item)
+            return False
+        self.stats.written += 1
+        return True
+
+    async def _write(self, item: _Pending) -> None:
+        if isinstance(item, _PendingChunk):
+            meta = item.meta
+            await self._redis.sadd(self.keys.cameras(), meta.camera)
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(
+                    self.keys.chunk(meta.camera, meta.chunk_id),
+                    mapping={"meta": meta.to_json(), "payload": item.payload, "vec": item.vector},
+                )
+                pipe.zadd(self.keys.timeline(meta.camera), {str(meta.chunk_id): _ms(meta.start_s)})
+                await pipe.execute()
+        else:
+            rec = item.record
+            await self._redis.sadd(self.keys.cameras(), rec.camera)
+            await self._redis.hset(self.keys.outages(rec.camera), str(_ms(rec.start_s)), rec.to_json())
+
+    def _went_away(self, exc: Exception) -> None:
+        if not self._away:
+            self._away = True
+            logger.warning(
+                "Redis unavailable (%s: %s); buffering up to %d writes",
+                type(exc).__name__,
+                exc,
+                self._buffer_max,
+            )
+
+    def _buffer(self, item: _Pending) -> None:
+        self._pending.append(item)
+        self.stats.buffered += 1
+        self._trim()
+
+    def _trim(self) -> None:
+        while len(self._pending) > self._buffer_max:
+            lost = self._pending.popleft()
+            self.stats.dropped += 1
+            if self._dropped_this_outage == 0:
+                logger.warning("Redis write buffer full (%d): dropping the oldest writes", self._buffer_max)
+            self._dropped_this_outage += 1
+            if isinstance(lost, _PendingChunk):
+                logger.debug("dropped chunk %s/%d", lost.meta.camera, lost.meta.chunk_id)
+
+    async def flush_pending(self) -> int:
+        """Try the buffered writes oldest first; return how many reached Redis.
+
+        Stops at the first write that fails because Redis is still away.
+        """
+        written = 0
+        async with self._flush_lock:
+            while self._pending:
+                # Taken out before the await so a concurrent overflow cannot drop it mid-write.
+                item = self._pending.popleft()
+                try:
+                    await self._write(item)
+                except REDIS_AWAY_ERRORS:
+                    self._pending.appendleft(item)
+                    self._trim()
+                    break
+                except redis_errors.RedisError as exc:
+                    # Redis is up but refuses this one write (e.g. WRONGTYPE): retrying cannot
+                    # help and must not block the writes behind it or stop the retry loop.
+                    self.stats.dropped += 1
+                    logger.error("dropping a buffered write that Redis refuses: %s: %s", type(exc).__name__, exc)
+                    continue
+                written += 1
+                self.stats.written += 1
+                self.stats.retried += 1
+            if not self._pending and self._away:
+                self._away = False
+                logger.info(
+                    "Redis available again: %d buffered writes stored, %d dropped during the outage",
+                    written,
+                    self._dropped_this_outage,
+                )
+                self._dropped_this_outage = 0
+        return written
+
+    async def run_retry_loop(self, stop: asyncio.Event, interval_s: float = RETRY_INTERVAL_S) -> None:
+        """Retry buffered writes every ``interval_s`` until ``stop``; then one last bounded try."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval_s)
+            if self._pending:
+                await self.flush_pending()
+        if self._pending:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SHUTDOWN_FLUSH_S):
+                    await self.flush_pending()
+        if self._pending:
+            logger.error("%d buffered Redis writes lost at shutdown (Redis unavailable)", len(self._pending))
+
+    # ------------------------------------------------------------------ reads
+
+    async def cameras(self) -> list[str]:
+        """Names of cameras with stored chunks or outages, sorted."""
+        names = await self._redis.smembers(self.keys.cameras())
+        return sorted(n.decode() if isinstance(n, bytes) else n for n in names)
+
+    async def get_chunks(self, refs: Sequence[tuple[str, int]]) -> list[tuple[ChunkMeta, bytes]]:
+        """Metadata and payload of each (camera, chunk_id), in the given order; missing ones skipped."""
+        if not refs:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for camera, chunk_id in refs:
+                pipe.hmget(self.keys.chunk(camera, chunk_id), ["meta", "payload"])
+            rows = await pipe.execute()
+        return [
+            (ChunkMeta.from_json(meta), payload) for meta, payload in rows if meta is not None and payload is not None
+        ]
+
+    async def get_vectors(self, camera: str, chunk_ids: Sequence[int]) -> list[tuple[ChunkMeta, np.ndarray]]:
+        """Metadata and float32 vector [D] of chunks of one camera; missing ones skipped."""
+        out: list[tuple[ChunkMeta, np.ndarray]] = []
+        for start in range(0, len(chunk_ids), BATCH_IDS):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for chunk_id in chunk_ids[start : start + BATCH_IDS]:
+                    pipe.hmget(self.keys.chunk(camera, chunk_id), ["meta", "vec"])
+                rows = await pipe.execute()
+            out.extend(
+                (ChunkMeta.from_json(meta), np.frombuffer(vec, dtype=np.float32))
+                for meta, vec in rows
+                if meta is not None and vec is not None
+            )
+        return out
+
+    async def _metas(self, camera: str, chunk_ids: Iterable[bytes | str | int]) -> list[ChunkMeta]:
+        ids = list(chunk_ids)
+        metas: list[ChunkMeta] = []
+        for start in range(0, len(ids), BATCH_IDS):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for chunk_id in ids[start : start + BATCH_IDS]:
+                    raw = chunk_id.decode() if isinstance(chunk_id, bytes) else chunk_id
+                    pipe.hget(self.keys.chunk(camera, int(raw)), "meta")
+                rows = await pipe.execute()
+            metas.extend(ChunkMeta.from_json(row) for row in rows if row is not None)
+        return metas
+
+    async def timeline(self, camera: str) -> tuple[np.ndarray, np.ndarray]:
+        """All chunk ids of ``camera`` in start order: (ids [K] int64, start_s [K] float64)."""
+        key = self.keys.timeline(check_camera(camera))
+        ids: list[int] = []
+        starts: list[float] = []
+        offset = 0
+        while True:
+            page: list[tuple[bytes, float]] = await self._redis.zrange(
+                key, offset, offset + BATCH_IDS - 1, withscores=True
+            )
+            ids.extend(int(member) for member, _ in page)
+            starts.extend(score / MS_PER_S for _, score in page)
+            if len(page) < BATCH_IDS:
+                break
+            offset += BATCH_IDS
+        return np.asarray(ids, dtype=np.int64), np.asarray(starts, dtype=np.float64)
+
+    async def chunks_in_range(
+        self, camera: str, after_s: float | None, before_s: float | None, limit: int | None = None
+    ) -> list[ChunkMeta]:
+        """Chunks of ``camera`` overlapping [after_s, before_s) in start order (None: unbounded).
+
+        A chunk overlaps when ``start_s < before_s`` and ``end_s > after_s``. ``limit`` keeps the
+        earliest ones.
+        """
+        key = self.keys.timeline(check_camera(camera))
+        low: float | str = "-inf" if after_s is None else _ms(after_s - MAX_CHUNK_SPAN_S)
+        high: float | str = "+inf" if before_s is None else f"({_ms(before_s)}"
+        ids = await self._redis.zrangebyscore(key, low, high)
+        metas: list[ChunkMeta] = []
+        for start in range(0, len(ids), BATCH_IDS):
+            for meta in await self._metas(camera, ids[start : start + BATCH_IDS]):
+                if after_s is not None and meta.end_s <= after_s:
+                    continue
+                if before_s is not None and meta.start_s >= before_s:
+                    continue
+                metas.append(meta)
+                if limit is not None and len(metas) >= limit:
+                    return metas
+        return metas
+
+    async def latest_chunks(self, camera: str, n: int) -> list[ChunkMeta]:
+        """The ``n`` most recent chunks of ``camera``, oldest first."""
+        if n <= 0:
+            return []
+        ids = await self._redis.zrange(self.keys.timeline(check_camera(camera)), -n, -1)
+        return await self._metas(camera, ids)
+
+    async def outages(
+        self,
+        cameras: Iterable[str] | None = None,
+        after_s: float | None = None,
+        before_s: float | None = None,
+    ) -> list[OutageRecord]:
+        """Outages overlapping [after_s, before_s) of ``cameras`` (None: all), ordered by start."""
+        names = await self.cameras() if cameras is None else [check_camera(c) for c in cameras]
+        records: list[OutageRecord] = []
+        for camera in names:
+            raw: dict[Any, Any] = await self._redis.hgetall(self.keys.outages(camera))
+            for value in raw.values():
+                rec = OutageRecord.from_json(value)
+                if before_s is not None and rec.start_s >= before_s:
+                    continue
+                if after_s is not None and rec.end_s is not None and rec.end_s <= after_s:
+                    continue
+                records.append(rec)
+        return sorted(records, key=lambda r: (r.start_s, r.camera))
+
+    # ------------------------------------------------------------------ retention
+
+    async def apply_retention(self, camera: str, max_age_s: float, now_s: float) -> int:
+        """Delete chunks of ``camera`` that started more than ``max_age_s`` before ``now_s``.
+
+        Also deletes outages that ended before that cutoff. Returns the number of chunks deleted.
+        Each batch deletes chunk hashes and timeline entries in one transaction, so an interrupted
+        pass leaves no timeline entry without its chunk or the reverse.
+        """
+        key = self.keys.timeline(check_camera(camera))
+        cutoff_s = now_s - max_age_s
+        deleted = 0
+        while True:
+            ids = await self._redis.zrangebyscore(key, "-inf", f"({_ms(cutoff_s)}", start=0, num=BATCH_IDS)
+            if not ids:
+                break
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.unlink(*(self.keys.chunk(camera, int(i)) for i in ids))
+                pipe.zrem(key, *ids)
+                await pipe.execute()
+            deleted += len(ids)
+        outage_key = self.keys.outages(camera)
+        stale = [
+            field
+            for field, value in (await self._redis.hgetall(outage_key)).items()
+            if (end_s := OutageRecord.from_json(value).end_s) is not None and end_s < cutoff_s
+        ]
+        if stale:
+            await self._redis.hdel(outage_key, *stale)
+        if deleted or stale:
+            logger.info(
+                "retention %s: deleted %d chunks and %d outages older than %.0f s",
+                camera,
+                deleted,
+                len(stale),
+                max_age_s,
+            )
+        return deleted

@@ -1,0 +1,193 @@
+"""Answering: retrieval + prompt + generation → an :class:`Answer` with citations.
+
+Generation is the slowest step (seconds on CPU), so it runs on a dedicated single-thread executor
+(``vigil-generate``): the event loop keeps serving MQTT and the cameras' ingest never waits for an
+answer. One generation runs at a time; concurrency above that is bounded by the MQTT API's
+``max_in_flight``. Text deltas cross from the executor thread to the loop through a queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+from zoneinfo import ZoneInfo
+
+from retrieval.prompt import build_prompt
+from retrieval.search import Retriever, TextEmbedder
+
+if TYPE_CHECKING:
+    from memory.index import VectorIndex
+    from memory.store import MemoryStore
+    from retrieval.models import PromptPart
+
+log = logging.getLogger(__name__)
+
+# A generation that ignores its deadline (a single slow decode step) still gets this much extra
+# time before the answer is returned without it; the executor thread finishes on its own.
+GENERATION_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class Question:
+    """A validated question, as the MQTT API hands it over. Times are UTC epoch seconds."""
+
+    text: str
+    cameras: list[str] | None = None
+    after_s: float | None = None
+    before_s: float | None = None
+    top_k: int | None = None
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class Citation:
+    """A chunk the answer was based on: camera, span (UTC epoch seconds) and retrieval score."""
+
+    camera: str
+    start_s: float
+    end_s: float
+    score: float
+
+
+@dataclass
+class Answer:
+    """The model's answer, the chunks it saw and how long each step took."""
+
+    text: str
+    citations: list[Citation]
+    after_s: float | None
+    before_s: float | None
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Generator(Protocol):
+    """The part of ``retrieval.models.VisionLanguageModel`` the answerer uses."""
+
+    def generate_stream(
+        self, parts: list[PromptPart], *, max_new_tokens: int, deadline_s: float | None = None
+    ) -> Iterator[str]: ...
+
+
+_DONE = object()
+
+
+class Answerer:
+    """Question → retrieved memory → prompt → streamed model answer."""
+
+    def __init__(
+        self,
+        vlm: Generator,
+        embedder: TextEmbedder,
+        store: MemoryStore,
+        index: VectorIndex,
+        *,
+        tz: ZoneInfo,
+        top_k: int,
+        recent_chunks: int,
+        max_prompt_chunks: int,
+        max_new_tokens: int,
+        generation_timeout_s: float,
+    ) -> None:
+        self._vlm = vlm
+        self._tz = tz
+        self._max_new_tokens = max_new_tokens
+        self._generation_timeout_s = generation_timeout_s
+        self._retriever = Retriever(
+            embedder,
+            store,
+            index,
+            top_k=top_k,
+            recent_chunks=recent_chunks,
+            max_chunks=max_prompt_chunks,
+        )
+        # One thread: the model is not safe to share between concurrent generations (see
+        # environment-notes §3, rope_deltas state), and one answer at a time keeps ingest fed.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-generate")
+
+    def close(self) -> None:
+        """Stop the generation thread (waits for a running generation to reach its deadline)."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def answer(self, question: Question, on_delta: Callable[[str], Awaitable[None]] | None = None) -> Answer:
+        """Answer one question; ``on_delta`` receives text pieces as they are generated."""
+        timing: dict[str, float] = {}
+        started = time.perf_counter()
+        retrieved = await self._retriever.retrieve(
+            question.text,
+            cameras=question.cameras,
+            after_s=question.after_s,
+            before_s=question.before_s,
+            top_k=question.top_k,
+        )
+        timing["retrieve"] = (time.perf_counter() - started) * 1000.0
+        parts = build_prompt(question.text, retrieved.chunks, retrieved.outages, tz=self._tz)
+        gen_started = time.perf_counter()
+        pieces: list[str] = []
+        first_token_s: float | None = None
+        async for delta in self._generate(parts):
+            if first_token_s is None:
+                first_token_s = time.perf_counter()
+            pieces.append(delta)
+            if on_delta is not None:
+                await on_delta(delta)
+        done = time.perf_counter()
+        if first_token_s is not None:
+            timing["first_token"] = (first_token_s - started) * 1000.0
+        timing["generate"] = (done - gen_started) * 1000.0
+        timing["total"] = (done - started) * 1000.0
+        citations = [Citation(c.camera, c.start_s, c.end_s, c.score) for c in retrieved.chunks]
+        return Answer(
+            text="".join(pieces).strip(),
+            citations=citations,
+            after_s=retrieved.after_s,
+            before_s=retrieved.before_s,
+            timing_ms=timing,
+        )
+
+    async def _generate(self, parts: list[PromptPart]) -> AsyncIterator[str]:
+        """Run ``generate_stream`` on the generation thread, yielding its deltas on the loop."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        cancelled = threading.Event()
+        deadline_s = time.monotonic() + self._generation_timeout_s
+
+        def produce() -> None:
+            try:
+                for delta in self._vlm.generate_stream(
+                    parts, max_new_tokens=self._max_new_tokens, deadline_s=deadline_s
+                ):
+                    if cancelled.is_set():
+                        break
+                    loop.call_soon_threadsafe(queue.put_nowait, delta)
+            except BaseException as exc:  # handed to the loop and re-raised there
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        future = loop.run_in_executor(self._executor, produce)
+        try:
+            while True:
+                remaining = deadline_s + GENERATION_GRACE_S - time.monotonic()
+                try:
+                    item = await asyncio.wait_for(queue.get(), timeout=max(remaining, 0.0))
+                except TimeoutError:
+                    log.warning(
+                        "generation overran its deadline by %.1f s; answering with what came", GENERATION_GRACE_S
+                    )
+                    return
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield str(item)
+        finally:
+            # A cancelled or timed-out answer stops the model at its next token.
+            cancelled.set()
+            if future.done() and not future.cancelled():
+                future.exception()

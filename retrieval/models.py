@@ -1,0 +1,599 @@
+"""Vision-language models: loading, the vision path (frames → LLM-space tokens) and generation.
+
+``load_vlm`` loads a real checkpoint with ``from_pretrained`` from a hub id or a local directory
+and picks the implementation from ``config.model_type`` through ``FAMILIES``. Two families:
+
+* ``llava_onevision`` (default ``llava-hf/llava-onevision-qwen2-0.5b-ov-hf``): frames follow the
+  model's VIDEO path, i.e. SigLIP tower → projector → 2x2 bilinear pooling, so one frame gives
+  rows·cols = ceil(P/2)² tokens. The single newline token the model appends after a video is not
+  part of a frame's tokens; generation appends it after every visual block, as the model does.
+* ``qwen2_5_vl``: every frame is encoded as an image (repeated over the temporal patch) through
+  the windowed ViT and the 2x2 patch merger, N = (S/14/2)² for frames resized to S x S.
+
+Generation is a plain greedy loop over a KV cache, fed with ``inputs_embeds`` so that stored
+(compressed) visual tokens can be spliced between text tokens. For Qwen2.5-VL the 3-D M-RoPE
+positions of each visual token come from its provenance (frame, row, col), computed here for
+every call: the model's own ``rope_deltas`` attribute is never read or written, so one model
+instance can serve the encoder thread and the generation thread at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    DynamicCache,
+    LlavaOnevisionForConditionalGeneration,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2_5_VLForConditionalGeneration,
+)
+from transformers.utils import cached_file
+
+from retrieval.preprocess import (
+    PixelSpec,
+    qwen_frame_side,
+    qwen_patchify,
+    read_preprocessor_config,
+    to_pixels,
+)
+
+logger = logging.getLogger(__name__)
+
+Family = Literal["llava_onevision", "qwen2_5_vl"]
+
+DEFAULT_VLM = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
+# Qwen's default system prompt; both families were instruction-tuned with a system turn.
+SYSTEM_PROMPT = "You are a helpful assistant."
+# Qwen2.5-VL accepts any size; 448 px squares give 16x16 = 256 tokens per frame, close to
+# LLaVA-OneVision's 14x14 = 196 pooled video tokens, a budget a 7B LM can still attend over.
+QWEN_TARGET_SIDE = 448
+# Characters of a decoded prefix that may still change when the next byte-level token arrives.
+_INCOMPLETE_UTF8 = "\ufffd"
+
+
+# --------------------------------------------------------------------------- shared types
+
+
+@dataclass
+class VisualTokens:
+    """Output of the vision path for T frames."""
+
+    tokens: Tensor  # [T, N, C] LLM input-space tokens (vision tower + projector), float32 CPU
+    global_feats: Tensor  # [T, G] mean of the vision tower's patch features, L2-normalised
+    grid: tuple[int, int]  # (rows, cols), rows * cols == N
+
+
+@dataclass
+class TextPart:
+    """Text inside the user turn."""
+
+    text: str
+
+
+@dataclass
+class VisualPart:
+    """Visual tokens inside the user turn, with the provenance that fixes their positions."""
+
+    tokens: Tensor  # [M, C]
+    frame: Tensor  # [M] int32 anchor frame index (chunk-local, for 3-D positions)
+    row: Tensor  # [M] int16 grid row (-1: a summary token without a place)
+    col: Tensor  # [M] int16 grid column (-1: a summary token without a place)
+
+    def __post_init__(self) -> None:
+        m = self.tokens.shape[0]
+        if self.tokens.ndim != 2:
+            raise ValueError(f"VisualPart.tokens must be [M, C], got {list(self.tokens.shape)}")
+        for name in ("frame", "row", "col"):
+            value: Tensor = getattr(self, name)
+            if value.shape != (m,):
+                raise ValueError(f"VisualPart.{name} must be [{m}], got {list(value.shape)}")
+
+
+PromptPart = TextPart | VisualPart
+
+
+# --------------------------------------------------------------------------- errors, device, dtype
+
+
+class ModelNotFoundError(RuntimeError):
+    """A model id or directory could not be loaded; the message says what was tried and what to do."""
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's ``model_type`` is not one vigil implements."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("models.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` → bfloat16 on GPU (float16 where bf16 is unsupported), float32 on CPU."""
+    if dtype != "auto":
+        try:
+            return _DTYPES[dtype]
+        except KeyError:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}") from None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def not_found_error(name: str, setting: str, cause: BaseException) -> ModelNotFoundError:
+    local = Path(name).expanduser()
+    looks_local = name.startswith(("/", "./", "../", "~")) or local.exists()
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    kind = "a local directory" if looks_local else "a hub id"
+    state = "does not exist" if looks_local and not local.exists() else "could not be loaded"
+    return ModelNotFoundError(
+        f"model {name!r} ({kind}) {state}: {cause}. HF_HUB_OFFLINE is {'set' if offline else 'not set'}. "
+        f"To run without network, set {setting} to a directory holding a save_pretrained copy, "
+        f"downloaded on a machine with network, e.g. `huggingface-cli download {name} --local-dir DIR`."
+    )
+
+
+def load_config(name: str, setting: str) -> PretrainedConfig:
+    """``AutoConfig.from_pretrained`` with ModelNotFoundError instead of a bare OSError."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        name = str(local)
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise not_found_error(name, setting, exc) from exc
+
+
+def resolve_file(name: str, filename: str, setting: str) -> str:
+    """Local path of one file of a checkpoint (a hub id resolved through the HF cache)."""
+    local = Path(name).expanduser()
+    try:
+        path = cached_file(str(local) if local.is_dir() else name, filename)
+    except (OSError, ValueError) as exc:
+        raise not_found_error(name, setting, exc) from exc
+    if path is None:
+        raise not_found_error(name, setting, FileNotFoundError(filename))
+    return path
+
+
+def _greedy_eos(model: PreTrainedModel, tokenizer: Any) -> frozenset[int]:
+    """Every id that ends an answer: the tokenizer's EOS and the generation config's."""
+    ids: set[int] = set()
+    for value in (tokenizer.eos_token_id, model.generation_config.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, Sequence):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+# --------------------------------------------------------------------------- the model wrapper
+
+
+class VisionLanguageModel(ABC):
+    """A loaded VLM: ``encode_frames`` for memory, ``generate_stream`` for answers.
+
+    Thread safety: inference only, no state changes after construction, so the encoder thread and
+    a generation thread may use one instance at once.
+    """
+
+    family: ClassVar[Family]
+
+    def __init__(
+        self, name: str, model: PreTrainedModel, tokenizer: Any, preprocessor: dict[str, Any]
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocessor = preprocessor
+        self._embed = model.get_input_embeddings()
+        self._eos = _greedy_eos(model, tokenizer)
+        self._grid = (0, 0)  # set by each family from its config
+        # Strings that would be read as placeholders or turn markers if a user typed them.
+        special = {str(t) for t in tokenizer.all_special_tokens}
+        special |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+        self._reserved = sorted(special, key=len, reverse=True)  # longest first: no partial removals
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) of one frame's token grid."""
+        return self._grid
+
+    @property
+    def hidden_size(self) -> int:
+        """C: width of the LLM's input space (and of every visual token)."""
+        return int(self.model.config.get_text_config().hidden_size)
+
+    # ---- vision path
+
+    @abstractmethod
+    def preprocess(self, frames: np.ndarray) -> Tensor:
+        """frames [T, H, W, 3] uint8 RGB → pixels [T, 3, S, S] float32 (fixed S per model)."""
+
+    @abstractmethod
+    def encode_pixels(self, pixels: Tensor) -> VisualTokens:
+        """pixels [T, 3, S, S] from ``preprocess`` (any number of callers concatenated) → tokens."""
+
+    def encode_frames(self, frames: np.ndarray) -> VisualTokens:
+        """frames [T, H, W, 3] uint8 RGB → VisualTokens (tokens [T, N, C], global [T, G])."""
+        return self.encode_pixels(self.preprocess(frames))
+
+    # ---- prompt assembly
+
+    @property
+    @abstractmethod
+    def _placeholder(self) -> str:
+        """Text written into the chat template where a VisualPart goes."""
+
+    @property
+    @abstractmethod
+    def _placeholder_id(self) -> int:
+        """The token id (inside the placeholder) replaced by the part's tokens."""
+
+    @abstractmethod
+    def _positions(self, segments: list[Tensor | VisualPart]) -> tuple[Tensor, int]:
+        """Position ids of the assembled sequence and the position of the next token.
+
+        segments alternate text ids [L_i] and visual parts; returns (position_ids as the model takes
+        them: [1, L] for 1-D RoPE, [3, 1, L] for M-RoPE, and the next position).
+        """
+
+    def _visual_embeds(self, part: VisualPart) -> Tensor:
+        """[M', C] embeddings that stand for one visual part in the sequence."""
+        return part.tokens.to(self.device, self.dtype)
+
+    def _sanitise(self, text: str) -> str:
+        for token in self._reserved:
+            text = text.replace(token, "")
+        return text
+
+    def prompt_ids(self, parts: Sequence[PromptPart], system: str = SYSTEM_PROMPT) -> Tensor:
+        """Token ids [L] of the chat (system, user with one placeholder per visual part, assistant cue)."""
+        content = "".join(
+            self._sanitise(p.text) if isinstance(p, TextPart) else self._placeholder for p in parts
+        )
+        messages = [
+            {"role": "system", "content": [{"type": "text", "text": system}]},
+            {"role": "user", "content": [{"type": "text", "text": content}]},
+        ]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]  # [L]
+        return ids
+
+    def assemble(
+        self, parts: Sequence[PromptPart], system: str = SYSTEM_PROMPT
+    ) -> tuple[Tensor, Tensor, int]:
+        """Prompt → (inputs_embeds [1, L, C], position_ids [1, L] or [3, 1, L], next position)."""
+        for part in parts:
+            if isinstance(part, VisualPart) and part.tokens.shape[-1] != self.hidden_size:
+                raise ValueError(
+                    f"visual tokens have {part.tokens.shape[-1]} channels, "
+                    f"the model expects {self.hidden_size}"
+                )
+        visuals = [p for p in parts if isinstance(p, VisualPart)]
+        ids = self.prompt_ids(parts, system)
+        slots = (ids == self._placeholder_id).nonzero().flatten().tolist()
+        if len(slots) != len(visuals):
+            raise ValueError(
+                f"chat template kept {len(slots)} visual placeholders for {len(visuals)} visual parts"
+            )
+        segments: list[Tensor | VisualPart] = []
+        start = 0
+        for slot, part in zip(slots, visuals, strict=True):
+            segments += [ids[start:slot], part]
+            start = slot + 1
+        segments.append(ids[start:])
+        pieces = [
+            self._embed(s.to(self.device)) if isinstance(s, Tensor) else self._visual_embeds(s)
+            for s in segments
+        ]
+        embeds = torch.cat(pieces, dim=0).unsqueeze(0)  # [1, L, C]
+        positions, next_pos = self._positions(segments)
+        return embeds, positions.to(self.device), next_pos
+
+    # ---- generation
+
+    @torch.inference_mode()
+    def next_token_logits(self, parts: Sequence[PromptPart], system: str = SYSTEM_PROMPT) -> Tensor:
+        """Logits [V] (float32) for the first answer token: the prefill of ``generate_stream``."""
+        embeds, positions, _ = self.assemble(parts, system)
+        out = self.model(inputs_embeds=embeds, position_ids=positions, use_cache=False, logits_to_keep=1)
+        return out.logits[0, -1].float()
+
+    def generate_tokens(
+        self,
+        parts: Sequence[PromptPart],
+        *,
+        max_new_tokens: int,
+        deadline_s: float | None = None,
+        system: str = SYSTEM_PROMPT,
+    ) -> Iterator[int]:
+        """Greedy token ids (EOS excluded), stopping at EOS, ``max_new_tokens`` or ``deadline_s``.
+
+        ``deadline_s`` is a ``time.monotonic()`` instant; it is checked before every model step.
+        """
+        if max_new_tokens < 1:
+            return
+        with torch.inference_mode():
+            if deadline_s is not None and time.monotonic() >= deadline_s:
+                return
+            embeds, positions, next_pos = self.assemble(parts, system)
+            step_shape = (*positions.shape[:-1], 1)  # one new token per step
+            cache = DynamicCache(config=self.model.config.get_text_config())
+            out = self.model(
+                inputs_embeds=embeds,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            for step in range(max_new_tokens):
+                token = int(out.logits[0, -1].argmax())
+                if token in self._eos:
+                    return
+                yield token
+                if step + 1 == max_new_tokens or (deadline_s is not None and time.monotonic() >= deadline_s):
+                    return
+                token_embeds = self._embed(torch.tensor([[token]], device=self.device))  # [1, 1, C]
+                out = self.model(
+                    inputs_embeds=token_embeds,
+                    position_ids=torch.full(
+                        step_shape, next_pos + step, dtype=torch.long, device=self.device
+                    ),
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+
+    def generate_stream(
+        self,
+        parts: list[PromptPart],
+        *,
+        max_new_tokens: int,
+        deadline_s: float | None = None,
+        system: str = SYSTEM_PROMPT,
+    ) -> Iterator[str]:
+        """Answer text deltas for the user turn ``parts`` (greedy, KV-cached).
+
+        Stops at EOS, after ``max_new_tokens`` tokens, or once ``time.monotonic()`` passes
+        ``deadline_s``. Deltas never split a UTF-8 character.
+        """
+        ids: list[int] = []
+        emitted = ""
+        started = time.monotonic()
+        for token in self.generate_tokens(
+            parts, max_new_tokens=max_new_tokens, deadline_s=deadline_s, system=system
+        ):
+            ids.append(token)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if text.endswith(_INCOMPLETE_UTF8) or not text.startswith(emitted):
+                continue
+            if len(text) > len(emitted):
+                yield text[len(emitted) :]
+                emitted = text
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if text.startswith(emitted) and len(text) > len(emitted):
+            yield text[len(emitted) :]
+        logger.debug("generated %d tokens in %.2f s", len(ids), time.monotonic() - started)
+
+
+# --------------------------------------------------------------------------- LLaVA-OneVision
+
+
+class LlavaOneVisionVLM(VisionLanguageModel):
+    """LLaVA-OneVision through its video path (2x2 pooled SigLIP features)."""
+
+    family: ClassVar[Family] = "llava_onevision"
+
+    def __init__(
+        self, name: str, model: PreTrainedModel, tokenizer: Any, preprocessor: dict[str, Any]
+    ) -> None:
+        super().__init__(name, model, tokenizer, preprocessor)
+        config = model.config
+        side = int(config.vision_config.image_size)
+        self._spec = PixelSpec.from_config(preprocessor, side, side)
+        patches = side // int(config.vision_config.patch_size)
+        pooled = -(-patches // 2)  # ceil: the model's apply_pooling uses ceil(P / 2)
+        self._grid = (pooled, pooled)
+        self._video_token = int(config.video_token_index)
+
+    def preprocess(self, frames: np.ndarray) -> Tensor:
+        return to_pixels(frames, self._spec)  # [T, 3, S, S]
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: Tensor) -> VisualTokens:
+        t = pixels.shape[0]
+        rows, cols = self._grid
+        if t == 0:
+            return VisualTokens(
+                torch.zeros(0, rows * cols, self.hidden_size),
+                torch.zeros(0, self._vision_width()),
+                self._grid,
+            )
+        video = pixels.to(self.device, self.dtype).unsqueeze(0)  # [1, T, 3, S, S]
+        out = self.model.model.get_video_features(video, output_hidden_states=True, return_dict=True)
+        # [1, T·N + 1, C]: the last token is the model's single image_newline after the video.
+        tokens = out.pooler_output[0, :-1].reshape(t, rows * cols, -1)  # [T, N, C]
+        layer = self.model.config.vision_feature_layer
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        patch_feats = torch.cat([out.hidden_states[i] for i in layers], dim=-1)  # [T, P, Cv]
+        global_feats = torch.nn.functional.normalize(patch_feats.float().mean(dim=1), dim=-1)  # [T, G]
+        return VisualTokens(tokens.float().cpu(), global_feats.cpu(), self._grid)
+
+    def _vision_width(self) -> int:
+        layer = self.model.config.vision_feature_layer
+        n = 1 if isinstance(layer, int) else len(layer)
+        return n * int(self.model.config.vision_config.hidden_size)
+
+    @property
+    def _placeholder(self) -> str:
+        return str(self.tokenizer.convert_ids_to_tokens(self._video_token))
+
+    @property
+    def _placeholder_id(self) -> int:
+        return self._video_token
+
+    def _visual_embeds(self, part: VisualPart) -> Tensor:
+        # The model always sees its newline token after a video's frames; keep that boundary.
+        newline = self.model.model.image_newline.to(self.device, self.dtype)[None]  # [1, C]
+        return torch.cat([part.tokens.to(self.device, self.dtype), newline], dim=0)  # [M + 1, C]
+
+    def _positions(self, segments: list[Tensor | VisualPart]) -> tuple[Tensor, int]:
+        length = sum(s.shape[0] if isinstance(s, Tensor) else s.tokens.shape[0] + 1 for s in segments)
+        return torch.arange(length).view(1, length), length
+
+
+# --------------------------------------------------------------------------- Qwen2.5-VL
+
+
+class Qwen25VLVLM(VisionLanguageModel):
+    """Qwen2.5-VL: frames as images through the windowed ViT and merger; 3-D M-RoPE positions."""
+
+    family: ClassVar[Family] = "qwen2_5_vl"
+
+    def __init__(
+        self, name: str, model: PreTrainedModel, tokenizer: Any, preprocessor: dict[str, Any]
+    ) -> None:
+        super().__init__(name, model, tokenizer, preprocessor)
+        vision = model.config.vision_config
+        self._patch = int(vision.patch_size)
+        self._merge = int(vision.spatial_merge_size)
+        self._tps = int(vision.temporal_patch_size)
+        size = preprocessor.get("size") or {}
+        min_pixels = int(preprocessor.get("min_pixels") or size.get("shortest_edge") or 0)
+        max_pixels = int(preprocessor.get("max_pixels") or size.get("longest_edge") or QWEN_TARGET_SIDE**2)
+        side = qwen_frame_side(min_pixels, max_pixels, self._patch * self._merge, QWEN_TARGET_SIDE)
+        self._spec = PixelSpec.from_config(preprocessor, side, side)
+        rows = side // self._patch // self._merge
+        self._grid = (rows, rows)
+        self._image_token = int(model.config.image_token_id)
+        self._start = str(tokenizer.convert_ids_to_tokens(int(model.config.vision_start_token_id)))
+        self._end = str(tokenizer.convert_ids_to_tokens(int(model.config.vision_end_token_id)))
+
+    def preprocess(self, frames: np.ndarray) -> Tensor:
+        return to_pixels(frames, self._spec)  # [T, 3, S, S]
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: Tensor) -> VisualTokens:
+        t = pixels.shape[0]
+        rows, cols = self._grid
+        if t == 0:
+            width = int(self.model.config.vision_config.hidden_size)
+            return VisualTokens(
+                torch.zeros(0, rows * cols, self.hidden_size), torch.zeros(0, width), self._grid
+            )
+        flat, grid_thw = qwen_patchify(pixels, self._patch, self._merge, self._tps)  # [T·gh·gw, D], [T, 3]
+        out = self.model.model.visual(flat.to(self.device, self.dtype), grid_thw=grid_thw.to(self.device))
+        tokens = out.pooler_output.reshape(t, rows * cols, -1)  # [T, N, C] raster order per frame
+        # last_hidden_state is window-permuted, but only within each frame, so per-frame means hold.
+        patch_feats = out.last_hidden_state.reshape(t, -1, out.last_hidden_state.shape[-1])  # [T, P, Cv]
+        global_feats = torch.nn.functional.normalize(patch_feats.float().mean(dim=1), dim=-1)  # [T, G]
+        return VisualTokens(tokens.float().cpu(), global_feats.cpu(), self._grid)
+
+    @property
+    def _placeholder(self) -> str:
+        return self._start + str(self.tokenizer.convert_ids_to_tokens(self._image_token)) + self._end
+
+    @property
+    def _placeholder_id(self) -> int:
+        return self._image_token
+
+    def _positions(self, segments: list[Tensor | VisualPart]) -> tuple[Tensor, int]:
+        """3-D positions, as ``Qwen2_5_VLModel.get_rope_index`` gives an image's full grid.
+
+        Text advances all three rows by one per token. A visual block starting at position s puts
+        token (frame f, row r, col c) at (s + f, s + r, s + c); a summary token (row or col < 0)
+        has no place and sits at (s + f, s + f, s + f). Text after the block continues at the
+        block's largest id + 1, which for one full frame is s + max(rows, cols), as in Qwen.
+        """
+        blocks: list[Tensor] = []
+        pos = 0
+        for segment in segments:
+            if isinstance(segment, Tensor):
+                n = segment.shape[0]
+                blocks.append((torch.arange(n) + pos).view(1, n).expand(3, n))
+                pos += n
+                continue
+            if segment.tokens.shape[0] == 0:
+                continue
+            f = segment.frame.long()
+            placed = (segment.row >= 0) & (segment.col >= 0)
+            r = torch.where(placed, segment.row.long(), f)
+            c = torch.where(placed, segment.col.long(), f)
+            block = torch.stack([f, r, c]) + pos  # [3, M]
+            blocks.append(block)
+            pos = int(block.max()) + 1
+        positions = torch.cat(blocks, dim=1) if blocks else torch.zeros(3, 0, dtype=torch.long)  # [3, L]
+        return positions.unsqueeze(1), pos  # [3, 1, L]
+
+
+# --------------------------------------------------------------------------- loading
+
+FAMILIES: dict[str, tuple[type[VisionLanguageModel], type[PreTrainedModel]]] = {
+    "llava_onevision": (LlavaOneVisionVLM, LlavaOnevisionForConditionalGeneration),
+    "qwen2_5_vl": (Qwen25VLVLM, Qwen2_5_VLForConditionalGeneration),
+}
+
+
+def load_vlm(name_or_dir: str, device: str = "auto", dtype: str = "auto") -> VisionLanguageModel:
+    """Load a VLM checkpoint (hub id or local ``save_pretrained`` directory) for inference.
+
+    device: auto | cpu | cuda; dtype: auto | float32 | bfloat16 | float16 (see ``resolve_dtype``).
+    Raises ModelNotFoundError when it cannot be found, UnsupportedModelError for other families.
+    """
+    setting = "models.vlm"
+    config = load_config(name_or_dir, setting)
+    try:
+        wrapper, model_class = FAMILIES[config.model_type]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"{name_or_dir!r} is a {config.model_type!r} model; vigil supports {', '.join(sorted(FAMILIES))}"
+        ) from None
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    source = str(Path(name_or_dir).expanduser()) if Path(name_or_dir).expanduser().is_dir() else name_or_dir
+    try:
+        model = model_class.from_pretrained(source, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as exc:
+        raise not_found_error(name_or_dir, setting, exc) from exc
+    model = model.to(torch_device).eval()
+    preprocessor = read_preprocessor_config(resolve_file(source, "preprocessor_config.json", setting))
+    vlm = wrapper(name_or_dir, model, tokenizer, preprocessor)
+    logger.info(
+        "loaded %s (%s) on %s as %s: %d visual tokens per frame, hidden size %d",
+        name_or_dir,
+        vlm.family,
+        torch_device,
+        torch_dtype,
+        vlm.grid[0] * vlm.grid[1],
+        vlm.hidden_size,
+    )
+    return vlm

@@ -1,0 +1,138 @@
+"""Prompt assembly: retrieved chunks → ``list[PromptPart]`` for ``VisionLanguageModel.generate_stream``.
+
+Layout, top to bottom:
+
+1. a short preamble saying what the memory is and which time zone the times are in;
+2. per chunk, in time order: a text line ``[camera] 2026-11-20 14:03:05–14:03:13 CET`` followed by
+   the chunk's visual tokens, ordered by (frame, row, col) with the summary tokens last (the
+   order a model reads a frame grid in, so positions stay monotone);
+3. the ranges in which a selected camera was offline, in words, so the model does not invent
+   what happened while nothing was recorded;
+4. the question, last, so generation starts right after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Protocol
+from zoneinfo import ZoneInfo
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from memory.types import CompressedChunk
+    from retrieval.models import PromptPart
+
+
+class PromptChunk(Protocol):
+    """What the prompt needs of a retrieved chunk (``retrieval.search.RetrievedChunk``)."""
+
+    @property
+    def camera(self) -> str: ...
+    @property
+    def start_s(self) -> float: ...
+    @property
+    def end_s(self) -> float: ...
+    @property
+    def chunk(self) -> CompressedChunk: ...
+
+
+class PromptOutage(Protocol):
+    """An offline range of a camera (``retrieval.search.OfflineRange``)."""
+
+    @property
+    def camera(self) -> str: ...
+    @property
+    def start_s(self) -> float: ...
+    @property
+    def end_s(self) -> float | None: ...
+    @property
+    def reason(self) -> str: ...
+
+
+PREAMBLE = (
+    "You are vigil, a video memory of live cameras. Below are compressed memories of what the "
+    "cameras saw, each introduced by its camera and time span ({zone}). Answer the question from "
+    "these memories only, name the camera and time of what you describe, and say so when the "
+    "memories do not show the answer."
+)
+NO_MEMORY = "No memory matches the cameras and time window of the question."
+
+
+def format_time(ts_s: float, tz: ZoneInfo) -> str:
+    """UTC epoch seconds → ``2026-11-20 14:03:05`` in ``tz`` (prompt text, whole seconds)."""
+    return datetime.fromtimestamp(ts_s, tz).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_span(start_s: float, end_s: float | None, tz: ZoneInfo) -> str:
+    """A time span as prompt text; the date is written once when both ends share it."""
+    start = datetime.fromtimestamp(start_s, tz)
+    zone = start.tzname() or str(tz)
+    if end_s is None:
+        return f"{start:%Y-%m-%d %H:%M:%S} {zone} until now"
+    end = datetime.fromtimestamp(end_s, tz)
+    if end.date() == start.date():
+        return f"{start:%Y-%m-%d %H:%M:%S}–{end:%H:%M:%S} {zone}"
+    return f"{start:%Y-%m-%d %H:%M:%S}–{end:%Y-%m-%d %H:%M:%S} {zone}"
+
+
+def token_order(frame: Tensor, row: Tensor, col: Tensor) -> Tensor:
+    """Permutation putting tokens in (frame, row, col) order with summary tokens (row < 0) last.
+
+    frame, row, col: [M] → returns [M] int64 indices. Summary tokens keep frame order among
+    themselves. Successive stable sorts, least significant key first (an LSD radix order).
+    """
+    if not (frame.shape == row.shape == col.shape) or frame.dim() != 1:
+        raise ValueError(
+            f"frame, row and col must be equal 1-D shapes, got {tuple(frame.shape)}, "
+            f"{tuple(row.shape)}, {tuple(col.shape)}"
+        )
+    order = torch.arange(frame.shape[0])
+    summary = (row < 0).to(torch.int8)
+    for key in (col, row, frame, summary):
+        _, idx = torch.sort(key[order].to(torch.int64), stable=True)
+        order = order[idx]
+    return order
+
+
+def build_prompt(
+    question: str,
+    chunks: Sequence[PromptChunk],
+    outages: Sequence[PromptOutage],
+    *,
+    tz: ZoneInfo,
+) -> list[PromptPart]:
+    """Assemble the prompt parts; chunks are placed in time order whatever order they come in."""
+    # Imported here so that importing the answering API (the MQTT service, `vigil ask`) does not
+    # pull in transformers; the prompt is only built where a model is loaded anyway.
+    from retrieval.models import TextPart, VisualPart  # noqa: PLC0415 - see above
+
+    zone = datetime.now(tz).tzname() or str(tz)
+    parts: list[PromptPart] = [TextPart(PREAMBLE.format(zone=zone) + "\n")]
+    if not chunks:
+        parts.append(TextPart(NO_MEMORY + "\n"))
+    for item in sorted(chunks, key=lambda c: (c.start_s, c.camera)):
+        parts.append(TextPart(f"[{item.camera}] {format_span(item.start_s, item.end_s, tz)}:\n"))
+        compressed = item.chunk
+        order = token_order(compressed.frame, compressed.row, compressed.col)  # [M]
+        parts.append(
+            VisualPart(
+                tokens=compressed.tokens[order],  # [M, C]
+                frame=compressed.frame[order],
+                row=compressed.row[order],
+                col=compressed.col[order],
+            )
+        )
+        parts.append(TextPart("\n"))
+    for outage in sorted(outages, key=lambda o: (o.start_s, o.camera)):
+        why = f" ({outage.reason})" if outage.reason else ""
+        parts.append(
+            TextPart(
+                f"Camera {outage.camera} was offline {format_span(outage.start_s, outage.end_s, tz)}{why}; "
+                "nothing was recorded from it then.\n"
+            )
+        )
+    parts.append(TextPart(f"Question: {question.strip()}\nAnswer:"))
+    return parts

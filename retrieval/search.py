@@ -1,0 +1,298 @@
+"""Retrieval: a question → the memory chunks to show the model, plus the camera outages in range.
+
+Steps: embed the question (SigLIP text tower) → FAISS search with camera and time filters → add
+the freshest chunks of the selected cameras when the question is about now → drop near-duplicates
+→ keep the best ``max_chunks`` → order by time → fetch and decode the tokens from Redis.
+
+The decisions (is the question about now? which hits are duplicates? which chunks fit?) are plain
+functions below, tested on their own; :class:`Retriever` is the thin I/O shell around them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Protocol
+from zoneinfo import ZoneInfo
+
+import numpy as np
+
+from memory.codec import decode_chunk
+
+if TYPE_CHECKING:
+    from memory.index import VectorIndex
+    from memory.store import MemoryStore
+    from memory.types import CompressedChunk
+
+log = logging.getLogger(__name__)
+
+# Two hits of the same camera whose spans overlap by more than this share of the shorter span
+# show the same moment (a re-indexed chunk, or a fresh chunk that was also a search hit).
+DUPLICATE_OVERLAP = 0.5
+# Fresh chunks are added because of their time, not their similarity; they carry this score.
+FRESH_SCORE = 0.0
+# Hits fetched per wanted chunk: room for the near-duplicates dedupe drops.
+SEARCH_OVERFETCH = 2
+
+# The "about now" rule: explicit now-words decide; otherwise a question without a time filter in
+# the present tense ("is the gate open?") is about now, one in the past tense is not.
+NOW_WORDS = re.compile(
+    r"\b(now|right now|currently|current|at the moment|at present|presently|still|live|latest|"
+    r"these days|at this moment)\b",
+    re.IGNORECASE,
+)
+PAST_WORDS = re.compile(
+    r"\b(was|were|did|had|happened|yesterday|earlier|ago|last|before|previously|came|went|left|"
+    r"arrived|saw|seen)\b|\b\w+ed\b",
+    re.IGNORECASE,
+)
+PRESENT_WORDS = re.compile(r"\b(is|are|am|does|do|has|have)\b|\w'(s|re)\b", re.IGNORECASE)
+
+
+class TextEmbedder(Protocol):
+    """The part of ``retrieval.embedder.Embedder`` retrieval needs."""
+
+    def embed_text(self, texts: list[str]) -> np.ndarray: ...  # [B, D] float32, L2-normalised
+
+
+class BadTimeError(ValueError):
+    """A time in a request could not be understood."""
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def parse_time(value: object, tz: ZoneInfo) -> float:
+    """ISO 8601 text → UTC epoch seconds; naive times are in ``tz``. Raises BadTimeError."""
+    if not isinstance(value, str):
+        raise BadTimeError(f"expected an ISO 8601 time string, got {type(value).__name__}")
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError as exc:
+        raise BadTimeError(f"{value!r} is not an ISO 8601 time (e.g. 2026-11-20T14:03:00+01:00)") from exc
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=tz)
+    return moment.timestamp()
+
+
+def parse_window(after: object, before: object, tz: ZoneInfo) -> tuple[float | None, float | None]:
+    """The ``after``/``before`` fields of a request → (after_s, before_s); either may be absent."""
+    after_s = None if after is None else parse_time(after, tz)
+    before_s = None if before is None else parse_time(before, tz)
+    if after_s is not None and before_s is not None and after_s >= before_s:
+        raise BadTimeError(f"after ({after}) must be earlier than before ({before})")
+    return after_s, before_s
+
+
+def iso_time(ts_s: float, tz: ZoneInfo) -> str:
+    """UTC epoch seconds → ISO 8601 with the zone's offset, millisecond precision (API output)."""
+    return datetime.fromtimestamp(ts_s, tz).isoformat(timespec="milliseconds")
+
+
+def is_about_now(question: str, after_s: float | None, before_s: float | None) -> bool:
+    """Whether the freshest chunks belong in the answer (the rule in the module docstring)."""
+    if NOW_WORDS.search(question):
+        return True
+    if after_s is not None or before_s is not None:
+        return False
+    if PAST_WORDS.search(question):
+        return False
+    return PRESENT_WORDS.search(question) is not None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A chunk that may go into the prompt: from the vector search or because it is the freshest."""
+
+    camera: str
+    chunk_id: int
+    start_s: float
+    end_s: float
+    score: float
+    fresh: bool = False
+
+
+def _overlap_share(a: Candidate, b: Candidate) -> float:
+    """Overlap of two spans as a share of the shorter one (0 when disjoint)."""
+    overlap = min(a.end_s, b.end_s) - max(a.start_s, b.start_s)
+    shorter = min(a.end_s - a.start_s, b.end_s - b.start_s)
+    if overlap <= 0:
+        return 0.0
+    return 1.0 if shorter <= 0 else overlap / shorter
+
+
+def dedupe(candidates: Sequence[Candidate], *, overlap: float = DUPLICATE_OVERLAP) -> list[Candidate]:
+    """Drop repeats: same chunk id, or same camera with spans overlapping more than ``overlap``.
+
+    The best-scored of a group survives (fresh beats a search hit only on score); the result keeps
+    the input's order of survivors. O(n²), n is a few dozen.
+    """
+    ranked = sorted(range(len(candidates)), key=lambda i: -candidates[i].score)
+    kept: list[int] = []
+    for i in ranked:
+        c = candidates[i]
+        if any(
+            candidates[j].chunk_id == c.chunk_id
+            or (candidates[j].camera == c.camera and _overlap_share(candidates[j], c) > overlap)
+            for j in kept
+        ):
+            continue
+        kept.append(i)
+    return [candidates[i] for i in sorted(kept)]
+
+
+def select(hits: Sequence[Candidate], fresh: Sequence[Candidate], *, top_k: int, max_chunks: int) -> list[Candidate]:
+    """The chunks for the prompt, in time order.
+
+    The best ``top_k`` search hits and every fresh chunk, without duplicates, capped at
+    ``max_chunks``: fresh chunks first (a question about now needs them), then hits by score.
+    """
+    best_hits = sorted(dedupe(hits), key=lambda c: -c.score)[:top_k]
+    merged = dedupe([*fresh, *best_hits])
+    merged.sort(key=lambda c: (not c.fresh, -c.score))
+    return order_by_time(merged[:max_chunks])
+
+
+def order_by_time(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """Time order (start, then end, then camera): the order the model reads the memory in."""
+    return sorted(candidates, key=lambda c: (c.start_s, c.end_s, c.camera))
+
+
+@dataclass(frozen=True)
+class OfflineRange:
+    """A span in which a camera recorded nothing, clipped to the question's window."""
+
+    camera: str
+    start_s: float
+    end_s: float | None
+    reason: str
+
+
+class OutageLike(Protocol):
+    """memory.store.OutageRecord, or streamer.camera.Outage."""
+
+    @property
+    def camera(self) -> str: ...
+    @property
+    def start_s(self) -> float: ...
+    @property
+    def end_s(self) -> float | None: ...
+    @property
+    def reason(self) -> str: ...
+
+
+def clip_outages(outages: Sequence[OutageLike], after_s: float | None, before_s: float | None) -> list[OfflineRange]:
+    """Outages (camera, start_s, end_s | None, reason) overlapping the window, clipped to it."""
+    lo = -math.inf if after_s is None else after_s
+    hi = math.inf if before_s is None else before_s
+    clipped = []
+    for o in outages:
+        end = math.inf if o.end_s is None else o.end_s
+        if end <= lo or o.start_s >= hi:
+            continue
+        clipped_end = None if (o.end_s is None and before_s is None) else min(end, hi)
+        clipped.append(OfflineRange(o.camera, max(o.start_s, lo), clipped_end, o.reason))
+    return sorted(clipped, key=lambda r: (r.start_s, r.camera))
+
+
+# --------------------------------------------------------------------------- I/O shell
+
+
+@dataclass(frozen=True)
+class RetrievedChunk:
+    """A chunk to show the model: where and when, its retrieval score and its decoded tokens."""
+
+    camera: str
+    chunk_id: int
+    start_s: float
+    end_s: float
+    score: float
+    fresh: bool
+    chunk: CompressedChunk
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """Everything the prompt needs: chunks in time order and the outages in the window."""
+
+    chunks: list[RetrievedChunk]
+    outages: list[OfflineRange]
+    after_s: float | None
+    before_s: float | None
+    about_now: bool
+
+
+class Retriever:
+    """Question → :class:`Retrieved`, over ``memory.store.MemoryStore`` and ``memory.index.VectorIndex``."""
+
+    def __init__(
+        self,
+        embedder: TextEmbedder,
+        store: MemoryStore,
+        index: VectorIndex,
+        *,
+        top_k: int,
+        recent_chunks: int,
+        max_chunks: int,
+    ) -> None:
+        self._embedder = embedder
+        self._store = store
+        self._index = index
+        self._top_k = top_k
+        self._recent_chunks = recent_chunks
+        self._max_chunks = max_chunks
+
+    async def retrieve(
+        self,
+        question: str,
+        *,
+        cameras: Sequence[str] | None,
+        after_s: float | None,
+        before_s: float | None,
+        top_k: int | None = None,
+    ) -> Retrieved:
+        """Search, add the freshest chunks when asked about now, dedupe, fetch, decode."""
+        k = top_k or self._top_k
+        # Embedding and FAISS are CPU work: off the loop so MQTT and ingest keep moving.
+        query = await asyncio.to_thread(self._embedder.embed_text, [question])  # [1, D]
+        raw_hits = await asyncio.to_thread(
+            self._index.search,
+            np.asarray(query[0], dtype=np.float32),  # [D]
+            k * SEARCH_OVERFETCH,
+            set(cameras) if cameras else None,
+            after_s,
+            before_s,
+        )
+        hits = [Candidate(h.camera, h.chunk_id, h.start_s, h.end_s, h.score) for h in raw_hits]
+        about_now = is_about_now(question, after_s, before_s)
+        fresh: list[Candidate] = []
+        if about_now and self._recent_chunks > 0:
+            for camera in list(cameras) if cameras else await self._store.cameras():
+                fresh.extend(
+                    Candidate(m.camera, m.chunk_id, m.start_s, m.end_s, FRESH_SCORE, fresh=True)
+                    for m in await self._store.latest_chunks(camera, self._recent_chunks)
+                )
+        chosen = select(hits, fresh, top_k=k, max_chunks=self._max_chunks)
+        chunks = await self._fetch(chosen)
+        outages = await self._store.outages(list(cameras) if cameras else None, after_s, before_s)
+        log.debug("retrieved %d chunks (%d hits, %d fresh, now=%s)", len(chunks), len(hits), len(fresh), about_now)
+        return Retrieved(chunks, clip_outages(outages, after_s, before_s), after_s, before_s, about_now)
+
+    async def _fetch(self, chosen: Sequence[Candidate]) -> list[RetrievedChunk]:
+        """Payloads from Redis, decoded; a chunk deleted since it was indexed is skipped."""
+        rows = await self._store.get_chunks([(c.camera, c.chunk_id) for c in chosen])
+        payloads = {(meta.camera, meta.chunk_id): payload for meta, payload in rows}
+        out = []
+        for c in chosen:
+            payload = payloads.get((c.camera, c.chunk_id))
+            if payload is None:
+                log.info("chunk %d of %s expired before it could be read; skipped", c.chunk_id, c.camera)
+                continue
+            chunk = decode_chunk(payload)
+            out.append(RetrievedChunk(c.camera, c.chunk_id, c.start_s, c.end_s, c.score, c.fresh, chunk))
+        return out

@@ -1,0 +1,187 @@
+"""``vigil ask`` and ``vigil status``: small MQTT v5 clients of a running daemon.
+
+``ask`` publishes a question with a Response Topic and Correlation Data of its own and prints the
+reply (answer and citations, the deltas as they come with ``--stream``, or the raw JSON with
+``--json``). ``status`` reads the retained availability and camera state topics and prints a table.
+Exit codes: 0 answered / online, 1 an error reply, a timeout, an unreachable broker / not online.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from streamer.settings import MqttSettings, load_settings
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+QOS = 1
+STATUS_COLUMNS = ("state", "input_fps", "sampled_fps", "frames_dropped", "reconnects", "last_frame_age_s", "error")
+
+
+def broker_settings(config: str | None) -> MqttSettings:
+    """The ``mqtt`` section of the config; defaults (plus environment) when the file does not exist."""
+    path = config if config and Path(config).exists() else None
+    return load_settings(path).mqtt
+
+
+def _client(s: MqttSettings, timeout_s: float) -> aiomqtt.Client:
+    tls = aiomqtt.TLSParameters(ca_certs=str(s.tls_ca_file) if s.tls_ca_file else None) if s.tls else None
+    return aiomqtt.Client(
+        s.host,
+        s.port,
+        username=s.username,
+        password=s.password.get_secret_value() if s.password else None,
+        identifier=f"vigil-cli-{uuid.uuid4().hex[:12]}",
+        protocol=aiomqtt.ProtocolVersion.V5,
+        timeout=timeout_s,
+        tls_params=tls,
+        socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+    )
+
+
+def _print_answer(body: dict[str, Any], out: TextIO, *, with_text: bool = True) -> None:
+    if with_text:
+        print(body.get("answer", ""), file=out)
+    citations = body.get("citations") or []
+    if citations:
+        print("\nSources:", file=out)
+        for c in citations:
+            print(f"  {c['camera']}  {c['start']} – {c['end']}  (score {c['score']:.3f})", file=out)
+
+
+async def ask(
+    settings: MqttSettings,
+    request: dict[str, Any],
+    *,
+    timeout_s: float,
+    out: TextIO,
+    err: TextIO,
+    as_json: bool = False,
+) -> int:
+    """Send one question and print its reply; returns the exit code."""
+    reply_topic = f"{settings.topic_prefix}/replies/{uuid.uuid4().hex}"
+    correlation = uuid.uuid4().bytes
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = reply_topic
+    props.CorrelationData = correlation
+    props.ContentType = "application/json"
+    # The broker drops the question if the daemon cannot take it before we stop waiting.
+    props.MessageExpiryInterval = max(1, int(timeout_s))
+    streamed = False
+    try:
+        async with asyncio.timeout(timeout_s), _client(settings, timeout_s) as client:
+            await client.subscribe(reply_topic, qos=QOS)
+            await client.publish(
+                f"{settings.topic_prefix}/ask", json.dumps(request).encode(), qos=QOS, properties=props
+            )
+            async for message in client.messages:
+                got = getattr(message.properties, "CorrelationData", None)
+                if got != correlation or not isinstance(message.payload, bytes):
+                    continue
+                body = json.loads(message.payload)
+                if "error" in body:
+                    if as_json:
+                        print(json.dumps(body), file=out)
+                    print(f"error: {body['error']['code']}: {body['error']['message']}", file=err)
+                    return EXIT_FAILURE
+                if "delta" in body:
+                    if as_json:
+                        print(json.dumps(body), file=out, flush=True)
+                    else:
+                        print(body["delta"], end="", file=out, flush=True)
+                        streamed = True
+                    continue
+                if as_json:
+                    print(json.dumps(body, indent=2), file=out)
+                else:
+                    if streamed:
+                        print(file=out)
+                    _print_answer(body, out, with_text=not streamed)
+                return EXIT_OK
+    except TimeoutError:
+        print(f"error: no answer within {timeout_s:g} s (is vigil running and connected?)", file=err)
+        return EXIT_FAILURE
+    except aiomqtt.MqttError as exc:
+        print(f"error: MQTT broker {settings.host}:{settings.port}: {exc}", file=err)
+        return EXIT_FAILURE
+    print("error: the connection closed before an answer came", file=err)
+    return EXIT_FAILURE
+
+
+async def status(settings: MqttSettings, *, timeout_s: float, out: TextIO, err: TextIO) -> int:
+    """Print availability and each camera's retained state; 0 when vigil is online."""
+    prefix = settings.topic_prefix
+    available: str | None = None
+    cameras: dict[str, dict[str, Any]] = {}
+    try:
+        async with _client(settings, timeout_s) as client:
+            await client.subscribe(f"{prefix}/available", qos=QOS)
+            await client.subscribe(f"{prefix}/cameras/+/state", qos=QOS)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    async for message in client.messages:
+                        payload = message.payload if isinstance(message.payload, bytes) else b""
+                        topic = str(message.topic)
+                        if topic == f"{prefix}/available":
+                            available = payload.decode(errors="replace")
+                        elif payload:
+                            name = topic[len(prefix) + len("/cameras/") : -len("/state")]
+                            try:
+                                cameras[name] = json.loads(payload)
+                            except json.JSONDecodeError:
+                                cameras[name] = {"state": "?", "error": "unreadable state"}
+            except TimeoutError:
+                pass  # retained messages come at once; the timeout only ends the collection
+    except aiomqtt.MqttError as exc:
+        print(f"error: MQTT broker {settings.host}:{settings.port}: {exc}", file=err)
+        return EXIT_FAILURE
+    print(f"vigil ({prefix}): {available or 'unknown (no retained availability)'}", file=out)
+    rows = [("camera", *STATUS_COLUMNS)]
+    rows += [(name, *(_cell(state.get(col)) for col in STATUS_COLUMNS)) for name, state in sorted(cameras.items())]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    if cameras:
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(), file=out)
+    else:
+        print("no camera states published", file=out)
+    return EXIT_OK if available == "online" else EXIT_FAILURE
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def cli_ask(args: argparse.Namespace) -> int:
+    """``vigil ask QUESTION [--camera C]… [--after T] [--before T] [--top-k K] [--stream] [--json]``."""
+    request: dict[str, Any] = {"question": args.question, "stream": bool(args.stream)}
+    if args.camera:
+        request["cameras"] = list(args.camera)
+    for key in ("after", "before", "top_k"):
+        value = getattr(args, key, None)
+        if value is not None:
+            request[key] = value
+    settings = broker_settings(args.config)
+    return asyncio.run(
+        ask(settings, request, timeout_s=args.timeout, out=sys.stdout, err=sys.stderr, as_json=args.json)
+    )
+
+
+def cli_status(args: argparse.Namespace) -> int:
+    """``vigil status``: the retained availability and camera states."""
+    settings = broker_settings(args.config)
+    return asyncio.run(status(settings, timeout_s=args.timeout, out=sys.stdout, err=sys.stderr))

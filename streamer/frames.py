@@ -1,0 +1,240 @@
+"""Frames and chunks, and the pure bookkeeping that turns decoded frames into them.
+
+Everything here is free of I/O and of PyAV so it can be tested on plain numbers:
+
+* ``unwrap_pts`` / ``StreamClock``: stream timestamps (PTS, seconds) → UTC wall-clock seconds,
+  surviving PTS wrap-around and jumps.
+* ``Sampler``: keeps frames at ``sample_fps`` by timestamp (never by frame count, so a 12.5 fps
+  and a 30 fps stream give the same sampled times).
+* ``ChunkBuilder``: groups sampled frames into ``Chunk``s of ``chunk_s`` seconds, capped at
+  ``max_frames_per_chunk`` frames.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# A real frame interval is never longer than this; a bigger forward step in PTS is a jump
+# (camera reboot, encoder reset, splice) and the clock re-anchors on arrival time instead.
+MAX_PTS_STEP_S = 10.0
+# How far a live stream's PTS-derived time may fall behind arrival time before it is re-anchored:
+# more than network and decoder latency ever add, less than an error worth keeping.
+MAX_LIVE_DRIFT_S = 5.0
+# Two timestamps closer than this are the same instant (float noise of PTS × time_base).
+TIME_EPSILON_S = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One sampled frame of one camera."""
+
+    camera: str
+    ts_s: float  # UTC wall-clock time of the frame (epoch seconds)
+    image: np.ndarray  # [H, W, 3] uint8 RGB
+
+
+@dataclass(slots=True)
+class Chunk:
+    """A few seconds of one camera's sampled frames: the unit the compressor consumes."""
+
+    camera: str
+    seq: int  # 0, 1, 2 … per worker run
+    start_s: float  # ts_s of the first frame
+    end_s: float  # ts_s of the last frame + 1 / sample_fps (the span the chunk covers)
+    frames: list[Frame]
+
+
+# --------------------------------------------------------------------------- timestamps
+
+
+def unwrap_pts(prev_raw_s: float, raw_s: float, wrap_s: float | None) -> float:
+    """Step from ``prev_raw_s`` to ``raw_s`` in stream seconds, undoing one wrap-around.
+
+    ``wrap_s`` is the wrap period (2**pts_wrap_bits × time_base; 95443.7 s for MPEG-TS's 33-bit
+    90 kHz PTS) or None when the timestamps do not wrap. A backwards step of more than half the
+    period is a wrap, so the true step is ``raw_s - prev_raw_s + wrap_s``.
+    """
+    step = raw_s - prev_raw_s
+    if wrap_s is not None and step < -wrap_s / 2:
+        step += wrap_s
+    return step
+
+
+@dataclass(slots=True)
+class StreamClock:
+    """Maps stream timestamps to UTC wall-clock seconds for one connection.
+
+    Live sources follow PTS deltas from an anchor, so frame spacing is the encoder's, not the
+    network's. The anchor is the time the connection was opened (``opened_s``) when known, else the
+    first frame's arrival: FFmpeg's stream probing holds the first seconds of frames back and
+    then delivers them in a burst (about 2 s with GStreamer's server), so arrival would stamp them
+    seconds late. A frame is never stamped after its arrival (the anchor moves back instead: the
+    camera's clock runs fast or the anchor was late); a step backwards, a step forward of more than
+    ``MAX_PTS_STEP_S`` or falling ``MAX_LIVE_DRIFT_S`` behind arrival re-anchors on arrival.
+    Files anchor on ``start_s`` (their first frame) and only follow PTS; a backwards step
+    continues right after the previous frame. The result never goes backwards.
+    """
+
+    live: bool
+    start_s: float | None = None  # files: wall time of the first frame
+    opened_s: float | None = None  # live: wall time the connection was opened
+    wrap_s: float | None = None
+    _anchor_wall_s: float | None = field(default=None, init=False)
+    _stream_s: float = field(default=0.0, init=False)  # unwrapped stream time since the anchor
+    _prev_raw_s: float | None = field(default=None, init=False)
+    _last_ts_s: float = field(default=-math.inf, init=False)
+    _last_step_s: float = field(default=0.0, init=False)
+    reanchors: int = field(default=0, init=False)
+
+    def __call__(self, raw_s: float | None, arrival_s: float) -> float:
+        """Wall-clock time of a frame with stream time ``raw_s`` (None: no PTS) seen at ``arrival_s``."""
+        if self._anchor_wall_s is None:
+            if self.live:
+                first = arrival_s if self.opened_s is None else min(self.opened_s, arrival_s)
+            else:
+                first = arrival_s if self.start_s is None else self.start_s
+            self._anchor(raw_s, first)
+            return self._emit(first)
+        if raw_s is not None and self._prev_raw_s is None:
+            # The first frames had no PTS (RTSP's first frame often has none): start following PTS here.
+            self._prev_raw_s = raw_s
+            return self._emit(self._anchor_wall_s + self._stream_s)
+        if raw_s is None or self._prev_raw_s is None:
+            # No PTS: for live sources arrival is the best we know; for files, repeat the last step.
+            ts = arrival_s if self.live else self._last_ts_s + self._last_step_s
+            return self._emit(ts)
+        step = unwrap_pts(self._prev_raw_s, raw_s, self.wrap_s)
+        if step < 0 or step > MAX_PTS_STEP_S:
+            if self.live:
+                self.reanchors += 1
+                self._anchor(raw_s, arrival_s)
+                return self._emit(arrival_s)
+            # A file whose timestamps restart (concatenated recordings): continue after the last frame.
+            self.reanchors += 1
+            self._anchor(raw_s, self._last_ts_s + self._last_step_s)
+            return self._emit(self._anchor_wall_s or arrival_s)
+        self._stream_s += step
+        self._prev_raw_s = raw_s
+        ts = self._anchor_wall_s + self._stream_s
+        if self.live and ts > arrival_s:
+            self._anchor_wall_s -= ts - arrival_s
+            ts = arrival_s
+        elif self.live and arrival_s - ts > MAX_LIVE_DRIFT_S:
+            self.reanchors += 1
+            self._anchor(raw_s, arrival_s)
+            ts = arrival_s
+        if step > 0:
+            self._last_step_s = step
+        return self._emit(ts)
+
+    def _anchor(self, raw_s: float | None, wall_s: float) -> None:
+        self._anchor_wall_s = wall_s
+        self._stream_s = 0.0
+        self._prev_raw_s = raw_s
+
+    def _emit(self, ts: float) -> float:
+        ts = max(ts, self._last_ts_s)
+        self._last_ts_s = ts
+        return ts
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+@dataclass(slots=True)
+class Sampler:
+    """Keeps frames on a grid of ``1 / sample_fps`` seconds, by timestamp.
+
+    The first frame is kept and starts the grid. Afterwards the frame nearest to each grid point
+    is kept without looking ahead: a frame is taken once it is less than half a frame interval
+    before the point (the next frame would be farther away). The frame interval is the smallest
+    step seen between offered frames, so sparse offers (skipped decoding) do not inflate it. After
+    a gap longer than a period the grid restarts at the frame, so an outage never causes a burst.
+    """
+
+    sample_fps: float
+    next_due_s: float | None = None
+    frame_interval_s: float | None = None
+    _prev_s: float | None = field(default=None, init=False)
+
+    @property
+    def period_s(self) -> float:
+        return 1.0 / self.sample_fps
+
+    @property
+    def earliest_s(self) -> float | None:
+        """The earliest time a frame is taken for the next grid point (None: any frame)."""
+        if self.next_due_s is None:
+            return None
+        interval = min(self.frame_interval_s or 0.0, self.period_s)
+        return self.next_due_s - interval / 2 - TIME_EPSILON_S
+
+    def __call__(self, ts_s: float) -> bool:
+        """Whether the frame at ``ts_s`` is sampled (advances the grid when it is)."""
+        if self._prev_s is not None and ts_s - self._prev_s > TIME_EPSILON_S:
+            step = ts_s - self._prev_s
+            self.frame_interval_s = step if self.frame_interval_s is None else min(self.frame_interval_s, step)
+        self._prev_s = ts_s
+        earliest = self.earliest_s
+        if earliest is not None and ts_s < earliest:
+            return False
+        assert self.next_due_s is not None or earliest is None
+        if self.next_due_s is None or ts_s - self.next_due_s >= self.period_s:
+            self.next_due_s = ts_s + self.period_s
+        else:
+            self.next_due_s += self.period_s
+        return True
+
+
+# --------------------------------------------------------------------------- chunking
+
+
+@dataclass(slots=True)
+class ChunkBuilder:
+    """Groups one camera's sampled frames into chunks.
+
+    A chunk closes when the next frame lies ``chunk_s`` or more after the chunk's first frame
+    (a gap therefore closes it too) or when it holds ``max_frames`` frames. ``end_s`` is the last
+    frame's time plus one sampling period: the span the chunk stands for.
+    """
+
+    camera: str
+    chunk_s: float
+    max_frames: int
+    sample_fps: float
+    seq: int = 0
+    _frames: list[Frame] = field(default_factory=list, init=False)
+
+    def add(self, frame: Frame) -> list[Chunk]:
+        """Add a frame; return the chunks it closed (none, the previous one, and/or a full one)."""
+        done: list[Chunk] = []
+        if self._frames and frame.ts_s - self._frames[0].ts_s >= self.chunk_s - TIME_EPSILON_S:
+            done.append(self._close())
+        self._frames.append(frame)
+        if len(self._frames) >= self.max_frames:
+            # A full chunk is handed on at once, not when the next frame comes.
+            done.append(self._close())
+        return done
+
+    def flush(self) -> Chunk | None:
+        """Close the partial chunk (end of stream, reconnect, stop); None when empty."""
+        return self._close() if self._frames else None
+
+    def _close(self) -> Chunk:
+        frames, self._frames = self._frames, []
+        chunk = Chunk(
+            camera=self.camera,
+            seq=self.seq,
+            start_s=frames[0].ts_s,
+            end_s=frames[-1].ts_s + 1.0 / self.sample_fps,
+            frames=frames,
+        )
+        self.seq += 1
+        return chunk
+
+    @property
+    def pending(self) -> int:
+        return len(self._frames)

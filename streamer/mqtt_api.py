@@ -1,0 +1,537 @@
+"""The question service over MQTT: requests on ``{prefix}/ask``, availability, camera states.
+
+Protocol (docs/api.md has the full reference):
+
+* MQTT v5 requests carry a Response Topic and Correlation Data; the reply goes to that topic with
+  the same Correlation Data. MQTT v3.1.1 requests have no properties, so they put ``reply_to`` and
+  ``id`` in the JSON body and the reply repeats the ``id``. One v5 connection serves both kinds.
+* Every request gets a reply: an answer, or ``{"error": {"code", "message"}}``. A request without
+  any reply address is logged and counted.
+* ``{prefix}/available`` is retained ``online`` while connected, with ``offline`` as the last
+  will and as the last thing published on a clean stop. Camera states are retained on
+  ``{prefix}/cameras/{name}/state`` and re-published after every reconnect.
+
+Connection: aiomqtt 2.5 does not reconnect by itself, so :meth:`MqttApi.run` is a loop around
+``async with client`` with exponential backoff and jitter. The session is persistent
+(clean_start False + Session Expiry) so QoS 1 questions the broker queued while vigil was
+away are delivered when it is back. Replies that cannot be published while the broker is away
+wait in a bounded outbox and go out after the reconnect. Delivery is QoS 1, at least once: after
+a reconnect a reply may arrive twice, and requesters match replies by correlation id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import socket
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from retrieval.answer import Answer, Question
+from retrieval.search import BadTimeError, iso_time, parse_window
+from streamer.settings import MqttSettings
+
+log = logging.getLogger(__name__)
+
+AnswerFn = Callable[[Question, Callable[[str], Awaitable[None]] | None], Awaitable[Answer]]
+
+QOS = 1  # questions, answers and retained state: at least once (see the module docstring)
+RECONNECT_INITIAL_S = 0.5  # first retry comes fast: a broker restart takes about a second
+CONNECT_TIMEOUT_S = 10.0  # CONNACK, SUBACK and PUBACK waits; a broker slower than this is down
+# How long the broker keeps our session (subscription + queued QoS 1 questions) while we are away:
+# long enough to cover a restart of vigil by systemd, short enough not to answer stale questions.
+SESSION_EXPIRY_S = 600
+OUTBOX_SIZE = 256  # replies held while disconnected; the oldest is dropped beyond this
+INBOX_SIZE = 256  # received messages not yet dispatched; aiomqtt drops (and we count) beyond this
+DRAIN_TIMEOUT_S = 10.0  # on stop: how long running answers may finish before they are cancelled
+MAX_TOP_K = 64  # same bound as RetrievalSettings.top_k
+JSON_CONTENT_TYPE = "application/json"
+
+
+class RequestError(Exception):
+    """A request that cannot be answered; ``code`` is the machine-readable error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ReplyTo:
+    """Where a request's replies go: the topic, the v5 correlation data, the v3.1.1 body id."""
+
+    topic: str
+    correlation: bytes | None
+    request_id: Any
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    topic: str
+    payload: bytes
+    correlation: bytes | None
+    retain: bool = False
+
+
+def resolve_cameras(requested: object, known: Sequence[str]) -> list[str] | None:
+    """The ``cameras`` field → configured names (matched case-insensitively); None means all."""
+    if requested is None:
+        return None
+    if isinstance(requested, str):
+        requested = [requested]
+    if not isinstance(requested, list) or not all(isinstance(c, str) for c in requested):
+        raise RequestError("bad_request", "'cameras' must be a list of camera names")
+    if not requested:
+        return None
+    by_lower = {name.lower(): name for name in known}
+    unknown = [c for c in requested if c.strip().lower() not in by_lower]
+    if unknown:
+        raise RequestError(
+            "unknown_camera",
+            f"unknown camera(s) {', '.join(unknown)}; known: {', '.join(sorted(known)) or 'none'}",
+        )
+    return list(dict.fromkeys(by_lower[c.strip().lower()] for c in requested))
+
+
+def parse_request(body: dict[str, Any], *, tz: ZoneInfo, cameras: Sequence[str]) -> Question:
+    """A decoded JSON request → :class:`Question`; raises :class:`RequestError` naming the problem."""
+    text = body.get("question")
+    if not isinstance(text, str) or not text.strip():
+        raise RequestError("bad_request", "'question' is required and must be a non-empty string")
+    top_k = body.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K):
+        raise RequestError("bad_request", f"'top_k' must be an integer from 1 to {MAX_TOP_K}")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError("bad_request", "'stream' must be true or false")
+    try:
+        after_s, before_s = parse_window(body.get("after"), body.get("before"), tz)
+    except BadTimeError as exc:
+        raise RequestError("bad_time", str(exc)) from exc
+    return Question(
+        text=text.strip(),
+        cameras=resolve_cameras(body.get("cameras"), cameras),
+        after_s=after_s,
+        before_s=before_s,
+        top_k=top_k,
+        stream=stream,
+    )
+
+
+def answer_payload(answer: Answer, tz: ZoneInfo) -> dict[str, Any]:
+    """The JSON body of an answer (times ISO 8601 with the configured zone's offset)."""
+    return {
+        "answer": answer.text,
+        "citations": [
+            {
+                "camera": c.camera,
+                "start": iso_time(c.start_s, tz),
+                "end": iso_time(c.end_s, tz),
+                "score": round(c.score, 4),
+            }
+            for c in answer.citations
+        ],
+        "window": {
+            "after": None if answer.after_s is None else iso_time(answer.after_s, tz),
+            "before": None if answer.before_s is None else iso_time(answer.before_s, tz),
+        },
+        "timing_ms": {name: round(ms, 2) for name, ms in answer.timing_ms.items()},
+    }
+
+
+def error_payload(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+def backoff_delays(initial_s: float, max_s: float, rng: random.Random) -> Any:
+    """Exponential backoff with jitter: initial, 2×, 4× … capped at ``max_s``, each scaled by [0.5, 1)."""
+    delay = initial_s
+    while True:
+        yield delay * rng.uniform(0.5, 1.0)
+        delay = min(delay * 2.0, max_s)
+
+
+class MqttApi:
+    """Serves questions over MQTT and publishes vigil's availability and camera states."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        tz: ZoneInfo,
+        cameras: Sequence[str],
+        answer: AnswerFn,
+        session_expiry_s: int = SESSION_EXPIRY_S,
+        outbox_size: int = OUTBOX_SIZE,
+        drain_timeout_s: float = DRAIN_TIMEOUT_S,
+    ) -> None:
+        self._settings = settings
+        self._tz = tz
+        self._cameras = list(cameras)
+        self._answer = answer
+        self._drain_timeout_s = drain_timeout_s
+        prefix = settings.topic_prefix
+        self.ask_topic = f"{prefix}/ask"
+        self.available_topic = f"{prefix}/available"
+        self._states: dict[str, bytes] = {}
+        self._outbox: deque[_Outgoing] = deque()
+        self._outbox_size = outbox_size
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._client: aiomqtt.Client | None = None  # set while connected
+        self._lost = asyncio.Event()  # set when the current connection drops
+        self._rng = random.Random()
+        self.counters: dict[str, int] = dict.fromkeys(
+            (
+                "requests",
+                "answered",
+                "errors",
+                "unanswerable",
+                "replies_queued",
+                "outbox_dropped",
+                "inbox_dropped",
+                "connects",
+            ),
+            0,
+        )
+        self._mqtt = self._make_client(session_expiry_s)
+
+    # ------------------------------------------------------------------ connection
+
+    def _make_client(self, session_expiry_s: int) -> aiomqtt.Client:
+        s = self._settings
+        connect_props = Properties(PacketTypes.CONNECT)
+        connect_props.SessionExpiryInterval = session_expiry_s
+        tls_params = None
+        if s.tls:
+            tls_params = aiomqtt.TLSParameters(
+                ca_certs=str(s.tls_ca_file) if s.tls_ca_file else None, cert_reqs=ssl.CERT_REQUIRED
+            )
+        api = self
+
+        class _Inbox(asyncio.Queue[aiomqtt.Message]):
+            """aiomqtt's incoming queue, bounded; overflow is counted here and logged by aiomqtt."""
+
+            def put_nowait(self, item: aiomqtt.Message) -> None:
+                try:
+                    super().put_nowait(item)
+                except asyncio.QueueFull:
+                    api.counters["inbox_dropped"] += 1
+                    raise
+
+        return aiomqtt.Client(
+            s.host,
+            s.port,
+            username=s.username,
+            password=s.password.get_secret_value() if s.password else None,
+            identifier=s.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            will=aiomqtt.Will(self.available_topic, b"offline", qos=QOS, retain=True),
+            clean_start=False,
+            properties=connect_props,
+            keepalive=s.keepalive_s,
+            timeout=CONNECT_TIMEOUT_S,
+            queue_type=_Inbox,
+            max_queued_incoming_messages=INBOX_SIZE,
+            tls_params=tls_params,
+            # Without TCP_NODELAY a QoS 1 round trip waits ~40-88 ms on Nagle + delayed ACK
+            # (environment-notes §6); the broker side is set in configs/mosquitto.conf.
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+        )
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._jobs)
+
+    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        """Connect, serve and reconnect until ``stop`` is set; then drain and go offline."""
+        s = self._settings
+        delays = backoff_delays(RECONNECT_INITIAL_S, s.reconnect_max_s, self._rng)
+        try:
+            while not stop.is_set():
+                try:
+                    async with self._mqtt as client:
+                        await self._on_connect(client)
+                        delays = backoff_delays(RECONNECT_INITIAL_S, s.reconnect_max_s, self._rng)
+                        if ready is not None:
+                            ready.set()
+                        if await self._serve(client, stop):
+                            await self._shutdown(client)
+                            return
+                except aiomqtt.MqttError as exc:
+                    self._connection_lost()
+                    delay = next(delays)
+                    log.warning(
+                        "MQTT broker %s:%d unreachable or lost (%s); retrying in %.1f s",
+                        s.host,
+                        s.port,
+                        exc,
+                        delay,
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=delay)
+                finally:
+                    self._connection_lost()
+            await self._cancel_jobs()
+        finally:
+            log.info(
+                "MQTT API stopped: %s, %d repl(ies) still queued",
+                ", ".join(f"{k}={v}" for k, v in self.counters.items()),
+                len(self._outbox),
+            )
+
+    async def _on_connect(self, client: aiomqtt.Client) -> None:
+        """Subscribe, re-publish retained state and queued replies, then announce ``online``."""
+        self.counters["connects"] += 1
+        await client.subscribe(self.ask_topic, qos=QOS)
+        self._lost = asyncio.Event()
+        self._client = client
+        for camera, payload in list(self._states.items()):
+            await client.publish(self._state_topic(camera), payload, qos=QOS, retain=True)
+        await self._flush_outbox()
+        await client.publish(self.available_topic, b"online", qos=QOS, retain=True)
+        log.info(
+            "MQTT connected to %s:%d as %s; serving %s",
+            self._settings.host,
+            self._settings.port,
+            self._settings.client_id,
+            self.ask_topic,
+        )
+
+    def _connection_lost(self) -> None:
+        self._client = None
+        self._lost.set()
+
+    async def _serve(self, client: aiomqtt.Client, stop: asyncio.Event) -> bool:
+        """Dispatch messages until stop (returns True) or the connection drops (MqttError)."""
+        reader = asyncio.create_task(self._read(client), name="mqtt:read")
+        stopper = asyncio.create_task(stop.wait(), name="mqtt:stop")
+        try:
+            await asyncio.wait((reader, stopper), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (reader, stopper):
+                task.cancel()
+            await asyncio.gather(reader, stopper, return_exceptions=True)
+        if stopper.done() and not stopper.cancelled():
+            return True
+        # Publishes waiting for a PUBACK on the dead connection give up now, into the outbox.
+        self._connection_lost()
+        exc = reader.exception() if not reader.cancelled() else None
+        raise exc if exc is not None else aiomqtt.MqttError("message stream ended")
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            if message.topic.matches(self.ask_topic):
+                self._dispatch(message)
+
+    async def _shutdown(self, client: aiomqtt.Client) -> None:
+        """Staged stop: no new questions, running answers finish (with a deadline), go offline."""
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.unsubscribe(self.ask_topic)
+        if self._jobs:
+            log.info("waiting up to %.0f s for %d answer(s) in flight", self._drain_timeout_s, len(self._jobs))
+            await asyncio.wait(set(self._jobs), timeout=self._drain_timeout_s)
+        await self._cancel_jobs()
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.publish(self.available_topic, b"offline", qos=QOS, retain=True)
+
+    async def _cancel_jobs(self) -> None:
+        for job in list(self._jobs):
+            job.cancel()
+        if self._jobs:
+            await asyncio.gather(*self._jobs, return_exceptions=True)
+
+    # ------------------------------------------------------------------ publishing
+
+    def _state_topic(self, camera: str) -> str:
+        return f"{self._settings.topic_prefix}/cameras/{camera}/state"
+
+    async def publish_camera_state(self, camera: str, state: dict[str, Any]) -> None:
+        """Retain ``state`` on the camera's topic now if connected, and after every reconnect."""
+        payload = json.dumps(state, separators=(",", ":"), default=str).encode()
+        self._states[camera] = payload
+        client = self._client
+        if client is None:
+            return
+        try:
+            await client.publish(self._state_topic(camera), payload, qos=QOS, retain=True, timeout=CONNECT_TIMEOUT_S)
+        except aiomqtt.MqttError as exc:
+            # Remembered above; _on_connect publishes it again.
+            log.debug("camera state of %s not published now (%s); will be after reconnect", camera, exc)
+
+    async def _send(self, out: _Outgoing) -> None:
+        """Publish now, or keep it in the outbox until the next connection.
+
+        aiomqtt waits for the PUBACK until its timeout even when the connection has dropped, so
+        the wait also ends when the run loop sees the connection go.
+        """
+        client, lost = self._client, self._lost
+        if client is not None:
+            publish = asyncio.ensure_future(
+                client.publish(
+                    out.topic,
+                    out.payload,
+                    qos=QOS,
+                    retain=out.retain,
+                    properties=self._props(out),
+                    timeout=CONNECT_TIMEOUT_S,
+                )
+            )
+            gone = asyncio.ensure_future(lost.wait())
+            try:
+                await asyncio.wait((publish, gone), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (publish, gone):
+                    task.cancel()
+                await asyncio.gather(publish, gone, return_exceptions=True)
+            if publish.done() and not publish.cancelled() and publish.exception() is None:
+                return
+            why = "connection lost" if publish.cancelled() else publish.exception()
+            log.info("reply to %s not published (%s); queued for after reconnect", out.topic, why)
+        self._enqueue(out)
+
+    def _enqueue(self, out: _Outgoing) -> None:
+        if len(self._outbox) >= self._outbox_size:
+            dropped = self._outbox.popleft()
+            self.counters["outbox_dropped"] += 1
+            log.warning("outbox full (%d): dropped the oldest reply to %s", self._outbox_size, dropped.topic)
+        self._outbox.append(out)
+        self.counters["replies_queued"] += 1
+
+    async def _flush_outbox(self) -> None:
+        client = self._client
+        if client is None or not self._outbox:
+            return
+        log.info("publishing %d repl(ies) queued while disconnected", len(self._outbox))
+        while self._outbox and self._client is client:
+            out = self._outbox[0]
+            await client.publish(
+                out.topic,
+                out.payload,
+                qos=QOS,
+                retain=out.retain,
+                properties=self._props(out),
+                timeout=CONNECT_TIMEOUT_S,
+            )
+            self._outbox.popleft()
+
+    @staticmethod
+    def _props(out: _Outgoing) -> Properties:
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = JSON_CONTENT_TYPE
+        if out.correlation is not None:
+            props.CorrelationData = out.correlation
+        return props
+
+    async def _reply(self, to: ReplyTo, body: dict[str, Any]) -> None:
+        if to.request_id is not None:
+            body = {"id": to.request_id, **body}
+        payload = json.dumps(body, separators=(",", ":")).encode()
+        await self._send(_Outgoing(to.topic, payload, to.correlation))
+
+    # ------------------------------------------------------------------ requests
+
+    def _dispatch(self, message: aiomqtt.Message) -> None:
+        """Validate a request and start its answer job, or reply with the error at once."""
+        self.counters["requests"] += 1
+        raw = message.payload if isinstance(message.payload, bytes | bytearray) else str(message.payload).encode()
+        props = message.properties
+        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        body: object = None
+        parse_error: RequestError | None = None
+        if len(raw) > self._settings.max_payload_bytes:
+            parse_error = RequestError(
+                "payload_too_large",
+                f"request is {len(raw)} bytes; the limit is {self._settings.max_payload_bytes}",
+            )
+        if parse_error is None or response_topic is None:
+            # An oversized v3.1.1 request is still parsed, only to find where to say so.
+            try:
+                body = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                parse_error = parse_error or RequestError("bad_json", f"request is not valid JSON: {exc}")
+        if body is not None and not isinstance(body, dict):
+            parse_error = parse_error or RequestError("bad_json", "request must be a JSON object")
+            body = None
+        fields: dict[str, Any] = body if isinstance(body, dict) else {}
+        reply_topic = response_topic or fields.get("reply_to")
+        if not isinstance(reply_topic, str) or not reply_topic or "+" in reply_topic or "#" in reply_topic:
+            self.counters["unanswerable"] += 1
+            log.warning(
+                "request on %s has no usable reply address (no v5 response topic, no 'reply_to'); dropped",
+                message.topic,
+            )
+            return
+        to = ReplyTo(reply_topic, correlation, fields.get("id"))
+        try:
+            if parse_error is not None:
+                raise parse_error
+            question = parse_request(fields, tz=self._tz, cameras=self._cameras)
+            if len(self._jobs) >= self._settings.max_in_flight:
+                raise RequestError(
+                    "busy", f"{len(self._jobs)} questions are being answered (max_in_flight); ask again later"
+                )
+        except RequestError as exc:
+            self._start(self._fail(to, exc.code, exc.message))
+            return
+        self._start(self._job(question, to))
+
+    def _start(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
+    async def _fail(self, to: ReplyTo, code: str, message: str) -> None:
+        self.counters["errors"] += 1
+        log.info("request to %s refused: %s: %s", to.topic, code, message)
+        await self._reply(to, error_payload(code, message))
+
+    async def _job(self, question: Question, to: ReplyTo) -> None:
+        """Answer one question and reply; every outcome, failure included, is replied."""
+        seq = 0
+
+        async def on_delta(text: str) -> None:
+            nonlocal seq
+            await self._reply(to, {"delta": text, "seq": seq})
+            seq += 1
+
+        try:
+            async with asyncio.timeout(self._settings.answer_timeout_s):
+                answer = await self._answer(question, on_delta if question.stream else None)
+        except TimeoutError:
+            await self._fail(to, "timeout", f"no answer within {self._settings.answer_timeout_s:g} s")
+            return
+        except RequestError as exc:
+            await self._fail(to, exc.code, exc.message)
+            return
+        except asyncio.CancelledError:
+            # Stopping: the requester still learns that its question will not be answered.
+            with contextlib.suppress(Exception):
+                await self._fail(to, "shutdown", "vigil is shutting down")
+            raise
+        except Exception as exc:
+            # One failing answer must not take the service down; the traceback goes to the log.
+            log.exception("answering %r failed", question.text)
+            await self._fail(to, "internal", f"answering failed: {type(exc).__name__}: {exc}")
+            return
+        body = answer_payload(answer, self._tz)
+        if question.stream:
+            body = {"done": True, "seq": seq, **body}
+        self.counters["answered"] += 1
+        await self._reply(to, body)

@@ -1,0 +1,288 @@
+"""CameraWorker against real sources: a GStreamer RTSP server streaming real clips, lavfi, files."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pytest
+
+from streamer.camera import CameraStatus, CameraWorker, Outage
+from streamer.frames import Chunk
+from streamer.settings import CameraSettings
+from tests.plugins.rtsp import DATA, RtspServer
+
+UTC = ZoneInfo("UTC")
+# Short timeouts keep the resilience tests fast; production defaults are seconds to tens of seconds.
+FAST = {
+    "open_timeout_s": 5.0,
+    "read_timeout_s": 5.0,
+    "stall_timeout_s": 3.0,
+    "reconnect_initial_s": 0.2,
+    "reconnect_max_s": 1.0,
+}
+# The GStreamer server needs about 1.5-2 s from connect to first frame (preroll, keyframe wait;
+# environment-notes §2); more on a loaded 2-core machine.
+FIRST_FRAME_S = 10.0
+
+
+@dataclass
+class Recorder:
+    """Collects what a worker reports."""
+
+    chunks: list[Chunk] = field(default_factory=list)
+    states: list[CameraStatus] = field(default_factory=list)
+    outages: list[Outage] = field(default_factory=list)
+
+    async def on_chunk(self, chunk: Chunk) -> None:
+        self.chunks.append(chunk)
+
+    async def on_state(self, status: CameraStatus) -> None:
+        self.states.append(status)
+
+    async def on_outage(self, outage: Outage) -> None:
+        self.outages.append(outage)
+
+    @property
+    def frame_times(self) -> list[float]:
+        return [f.ts_s for c in self.chunks for f in c.frames]
+
+
+class Running:
+    """A worker running as a task, stopped (and awaited) at exit."""
+
+    def __init__(self, name: str, settings: CameraSettings) -> None:
+        self.rec = Recorder()
+        self.worker = CameraWorker(
+            name,
+            settings,
+            tz=UTC,
+            on_chunk=self.rec.on_chunk,
+            on_outage=self.rec.on_outage,
+            on_state=self.rec.on_state,
+        )
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Running:
+        self.task = asyncio.create_task(self.worker.run(self.stop), name=f"camera:{self.worker.name}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, 10)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> float:
+    """Poll until ``predicate()``; return the seconds it took, fail with ``what`` on timeout."""
+    began = time.monotonic()
+    while not predicate():
+        if time.monotonic() - began > timeout_s:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - began
+
+
+def _settings(url: str, **kwargs: object) -> CameraSettings:
+    return CameraSettings(url=url, **{**FAST, **kwargs})  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- live RTSP
+
+
+@pytest.mark.slow
+async def test_rtsp_stream_gives_monotonic_wall_clock_frames_at_the_sample_rate(rtsp_server_factory) -> None:
+    server = rtsp_server_factory("car-detection.mp4")  # 768x432 at 12.5 fps
+    sample_fps = 2.0
+    began = time.time()
+    async with Running("lot", _settings(server.url, sample_fps=sample_fps, chunk_s=2.0)) as cam:
+        await wait_for(lambda: cam.worker.status().state == "connected", FIRST_FRAME_S, "the first frame")
+        connected = time.time()
+        await asyncio.sleep(7.0)  # long enough for one rate window (5 s)
+        status = cam.worker.status()
+    ended = time.time()
+    times = cam.rec.frame_times
+    assert [s.state for s in cam.rec.states][:2] == ["connecting", "connected"]
+    assert cam.rec.states[-1].state == "stopped"
+    assert np.all(np.diff(times) > 0)
+    # Wall-clock times: inside the run (the first frame predates "connected" by the probing
+    # burst) and never in the future.
+    assert began <= times[0] <= connected
+    assert times[-1] <= ended + 0.5
+    steps = np.diff(times)
+    frame_interval = 1 / 12.5
+    assert np.all(np.abs(steps - 1 / sample_fps) <= frame_interval + 1e-3), steps
+    expected = (times[-1] - times[0]) * sample_fps + 1
+    assert abs(len(times) - expected) <= 1
+    assert 10.0 <= status.input_fps <= 15.0, status
+    assert 1.5 <= status.sampled_fps <= 2.5, status
+    assert status.frames_dropped == 0
+    assert status.last_frame_age_s is not None
+    assert status.last_frame_age_s < 1.0
+    frame = cam.rec.chunks[0].frames[0]
+    assert frame.image.shape == (432, 768, 3)
+    assert frame.image.dtype == np.uint8
+    assert frame.image.std() > 5  # real pixels, not a blank frame
+    for chunk in cam.rec.chunks:
+        assert chunk.camera == "lot"
+        assert chunk.start_s == chunk.frames[0].ts_s
+        assert chunk.end_s == pytest.approx(chunk.frames[-1].ts_s + 1 / sample_fps)
+        assert chunk.frames[-1].ts_s - chunk.start_s < 2.0
+    assert [c.seq for c in cam.rec.chunks] == list(range(len(cam.rec.chunks)))
+
+
+@pytest.mark.slow
+async def test_server_killed_and_restarted_mid_stream_resumes_and_records_the_outage(
+    rtsp_server_factory,
+) -> None:
+    server: RtspServer = rtsp_server_factory("one-by-one-person-detection.mp4")
+    async with Running("hall", _settings(server.url, sample_fps=2.0, chunk_s=2.0)) as cam:
+        await wait_for(lambda: len(cam.rec.frame_times) >= 4, FIRST_FRAME_S, "frames before the outage")
+        killed = time.time()
+        server.kill()
+        await wait_for(lambda: cam.worker.status().state == "reconnecting", 8.0, "the worker to notice")
+        await asyncio.sleep(1.5)  # a few refused reconnects, backoff growing to its cap
+        frames_before = len(cam.rec.frame_times)
+        restarted = time.time()
+        server.start()
+        took_s = await wait_for(
+            lambda: cam.worker.status().state == "connected", FAST["reconnect_max_s"] + FIRST_FRAME_S, "resume"
+        )
+        await wait_for(lambda: len(cam.rec.frame_times) >= frames_before + 2, 5.0, "frames after the outage")
+        status = cam.worker.status()
+    # Back within one capped backoff plus the server's time to the first frame.
+    assert took_s <= FAST["reconnect_max_s"] + FIRST_FRAME_S
+    assert status.reconnects >= 2  # the lost stream, then refused attempts while the server was down
+    assert len(cam.rec.outages) == 2
+    begun, ended = cam.rec.outages
+    assert begun.end_s is None
+    assert begun.reason
+    assert ended.start_s == begun.start_s
+    assert ended.end_s is not None
+    assert begun.start_s <= killed + 0.5  # offline since the last frame before the kill
+    assert restarted <= ended.end_s <= time.time()
+    times = cam.rec.frame_times
+    assert np.all(np.diff(times) > 0)
+    assert any(t >= ended.end_s for t in times)
+    assert not any(begun.start_s < t < ended.end_s for t in times)
+    states = [s.state for s in cam.rec.states]
+    assert states[:4] == ["connecting", "connected", "reconnecting", "connected"] or (
+        states.index("reconnecting") < len(states) - 1 - states[::-1].index("connected")
+    )
+
+
+@pytest.mark.slow
+async def test_open_connection_without_frames_is_detected_as_stalled(rtsp_server_factory) -> None:
+    server = rtsp_server_factory("car-detection.mp4", stall_after_s=2.0)
+    settings = _settings(server.url, stall_timeout_s=1.0, read_timeout_s=30.0)  # the watchdog, not the socket
+    async with Running("frozen", settings) as cam:
+        await wait_for(lambda: cam.worker.status().state == "connected", FIRST_FRAME_S, "the first frame")
+        await wait_for(lambda: bool(cam.rec.outages), 8.0, "the stall to be detected")
+        status = cam.worker.status()
+    assert status.error is not None
+    assert "stalled" in status.error
+    assert cam.rec.outages[0].reason.startswith("StalledError: stalled: no frame for 1.0 s")
+    assert status.reconnects >= 1
+
+
+async def test_server_that_accepts_and_never_answers_times_out_and_is_retried(rtsp_server_factory) -> None:
+    server = rtsp_server_factory(None, silent=True)
+    settings = _settings(server.url, open_timeout_s=1.0)
+    async with Running("mute", settings) as cam:
+        await wait_for(lambda: cam.worker.status().reconnects >= 1, 6.0, "the open timeout")
+        status = cam.worker.status()
+    assert status.state == "reconnecting"
+    assert status.error is not None
+    assert "no answer within 1 s" in status.error
+    assert cam.rec.outages
+    assert cam.rec.outages[0].end_s is None
+
+
+# --------------------------------------------------------------------------- bad sources, isolation
+
+
+async def test_bad_sources_fail_clearly_while_another_camera_keeps_ingesting(tmp_path: Path) -> None:
+    # moov atom at the end: cut in half, the file cannot be opened at all.
+    unopenable = tmp_path / "cut.mp4"
+    unopenable.write_bytes((DATA / "bottle-detection.mp4").read_bytes()[:250_000])
+    # moov atom at the start: cut in half, the first half still decodes.
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes((DATA / "car-detection.mp4").read_bytes()[:1_400_000])
+    # Garbage in the middle of the media data: corrupt packets are skipped.
+    corrupt = tmp_path / "corrupt.mp4"
+    data = bytearray((DATA / "car-detection.mp4").read_bytes())
+    rng = np.random.default_rng(0)
+    data[1_000_000:1_200_000] = rng.integers(0, 256, 200_000, dtype=np.uint8).tobytes()
+    corrupt.write_bytes(bytes(data))
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(rng.integers(0, 256, 100_000, dtype=np.uint8).tobytes())
+    closed_port = "rtsp://127.0.0.1:9/cam"  # discard port: nothing listens, the connection is refused
+
+    cameras = {
+        "good": _settings("lavfi:testsrc2=size=160x90:rate=10", sample_fps=2.0, chunk_s=1.0),
+        "ftp": _settings("ftp://example.com/cam"),
+        "missing": _settings(str(tmp_path / "nope.mp4")),
+        "unopenable": _settings(str(unopenable)),
+        "garbage": _settings(str(garbage)),
+        "truncated": _settings(str(truncated), sample_fps=2.0),
+        "corrupt": _settings(str(corrupt), sample_fps=2.0),
+        "refused": _settings(closed_port),
+    }
+    running = {name: Running(name, s) for name, s in cameras.items()}
+    for cam in running.values():
+        await cam.__aenter__()
+    try:
+        await wait_for(lambda: len(running["good"].rec.chunks) >= 2, 10.0, "the good camera's chunks")
+        await wait_for(lambda: running["refused"].worker.status().reconnects >= 2, 10.0, "refused retries")
+        statuses = {name: cam.worker.status() for name, cam in running.items()}
+        good_chunks = len(running["good"].rec.chunks)
+        await asyncio.sleep(1.5)
+        assert len(running["good"].rec.chunks) > good_chunks  # still ingesting after the others failed
+    finally:
+        for cam in running.values():
+            await cam.__aexit__()
+
+    assert statuses["good"].state == "connected"
+    assert statuses["ftp"].state == "failed"
+    assert "unsupported scheme 'ftp'" in (statuses["ftp"].error or "")
+    assert statuses["missing"].state == "failed"
+    assert "no such file" in (statuses["missing"].error or "")
+    for name in ("unopenable", "garbage"):
+        assert statuses[name].state == "failed", statuses[name]
+        assert "InvalidDataError" in (statuses[name].error or ""), statuses[name]
+    # Not permanent: a refused connection is retried with backoff.
+    assert statuses["refused"].state == "reconnecting"
+    assert "ConnectionRefusedError" in (statuses["refused"].error or "")
+    # Damaged but readable files deliver what they can and end normally.
+    for name, min_s in (("truncated", 10.0), ("corrupt", 25.0)):
+        rec = running[name].rec
+        assert rec.states[-1].state == "stopped", rec.states
+        assert rec.states[-1].error is None
+        span = rec.chunks[-1].end_s - rec.chunks[0].start_s
+        assert min_s <= span <= 31.0, (name, span)
+        assert np.all(np.diff(rec.frame_times) > 0)
+
+
+async def test_looping_lavfi_and_file_sources_act_as_live_cameras(tmp_path: Path) -> None:
+    clip = tmp_path / "short.mp4"
+    shutil.copy(DATA / "scene-change_3cuts.mp4", clip)
+    began = time.time()
+    async with (
+        Running("test", _settings("lavfi:testsrc2=size=160x90:rate=10", sample_fps=4.0, chunk_s=1.0)) as gen,
+        Running("clip", _settings(str(clip), loop=True, sample_fps=2.0, chunk_s=1.0)) as loop,
+    ):
+        await asyncio.sleep(3.0)
+    for cam, fps in ((gen, 4.0), (loop, 2.0)):
+        times = cam.rec.frame_times
+        assert np.all(np.diff(times) > 0)
+        # Paced at real time and stamped from now: about fps × elapsed frames, all within the run.
+        assert began - 0.5 <= times[0]
+        assert times[-1] <= time.time() + 0.5
+        assert 2.0 * fps <= len(times) <= 3.5 * fps + 1, (cam.worker.name, len(times))

@@ -1,0 +1,211 @@
+"""Retrieval: pure decisions (now-detection, windows, dedupe, selection, outages) and the Retriever
+and Answerer over a real MemoryStore in Redis, a real VectorIndex and the tiny models."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pytest
+
+from memory.codec import encode_chunk
+from memory.index import VectorIndex
+from memory.store import ChunkMeta, MemoryStore, OutageRecord
+from retrieval.answer import Answerer, Question
+from retrieval.search import (
+    BadTimeError,
+    Candidate,
+    OfflineRange,
+    Retriever,
+    clip_outages,
+    dedupe,
+    is_about_now,
+    iso_time,
+    parse_window,
+    select,
+)
+from tests.test_prompt import make_chunk
+
+TZ = ZoneInfo("Europe/Berlin")
+T0 = datetime(2026, 11, 20, 10, 0, 0, tzinfo=TZ).timestamp()
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+@pytest.mark.parametrize(
+    ("question", "window", "expected"),
+    [
+        ("Is the garage door open right now?", (None, None), True),
+        ("what is happening currently", (T0, None), True),  # a now-word wins over a window
+        ("Is anyone at the door?", (None, None), True),  # present tense, no window
+        ("Who was at the door?", (None, None), False),  # past tense
+        ("Did a car arrive yesterday?", (None, None), False),
+        ("Is anyone at the door?", (T0, T0 + 60), False),  # a window is not now
+        ("cars and bicycles", (None, None), False),  # no verb, no now-word
+    ],
+)
+def test_about_now_rule(question, window, expected):
+    assert is_about_now(question, *window) is expected
+
+
+def test_window_parsing_naive_in_zone_and_offsets_kept():
+    after, before = parse_window("2026-11-20T10:00:00", "2026-11-20T10:00:00Z", TZ)
+    assert after == T0
+    assert before == T0 + 3600  # 10:00 UTC is 11:00 in Berlin
+    assert parse_window(None, None, TZ) == (None, None)
+    assert iso_time(T0, TZ) == "2026-11-20T10:00:00.000+01:00"
+    with pytest.raises(BadTimeError, match="ISO 8601"):
+        parse_window("last tuesday", None, TZ)
+    with pytest.raises(BadTimeError, match="string"):
+        parse_window(1700000000, None, TZ)
+    with pytest.raises(BadTimeError, match="earlier"):
+        parse_window("2026-11-20T11:00", "2026-11-20T10:00", TZ)
+
+
+def cand(camera: str, cid: int, start: float, score: float, *, length: float = 8.0, fresh: bool = False):
+    return Candidate(camera, cid, start, start + length, score, fresh)
+
+
+def test_dedupe_drops_same_id_and_overlapping_spans_of_one_camera():
+    items = [
+        cand("a", 1, 0.0, 0.9),
+        cand("a", 1, 0.0, 0.1, fresh=True),  # same chunk again
+        cand("a", 2, 3.0, 0.5),  # overlaps chunk 1 by 5/8 of the shorter span
+        cand("b", 3, 0.0, 0.4),  # same time, other camera: kept
+        cand("a", 4, 6.0, 0.3),  # overlaps chunk 1 by 2/8: kept
+    ]
+    assert [c.chunk_id for c in dedupe(items)] == [1, 3, 4]
+
+
+def test_select_keeps_fresh_then_best_hits_in_time_order():
+    hits = [cand("a", i, 100.0 * i, score=i / 10) for i in range(1, 8)]  # best: 7, 6, 5 …
+    fresh = [cand("a", 100, 5000.0, 0.0, fresh=True), cand("b", 101, 5000.0, 0.0, fresh=True)]
+    chosen = select(hits, fresh, top_k=3, max_chunks=4)
+    assert [c.chunk_id for c in chosen] == [6, 7, 100, 101]  # top hits 7, 6 (5 cut by max), time order
+    assert [c.start_s for c in chosen] == sorted(c.start_s for c in chosen)
+    assert [c.chunk_id for c in select(hits, [], top_k=2, max_chunks=10)] == [6, 7]
+
+
+def test_outages_are_clipped_to_the_window():
+    outages = [
+        OutageRecord("a", 10.0, 20.0, "eof"),
+        OutageRecord("b", 50.0, None, "refused"),  # still offline
+        OutageRecord("a", 200.0, 300.0, "after the window"),
+    ]
+    assert clip_outages(outages, 15.0, 100.0) == [
+        OfflineRange("a", 15.0, 20.0, "eof"),
+        OfflineRange("b", 50.0, 100.0, "refused"),
+    ]
+    assert clip_outages(outages, 250.0, None)[-1] == OfflineRange("b", 250.0, None, "refused")
+
+
+# --------------------------------------------------------------------------- with Redis and models
+
+
+async def fill(store: MemoryStore, index: VectorIndex, embedder, c: int) -> dict[str, ChunkMeta]:
+    """Three stored chunks; each chunk's vector is the embedding of a caption of it."""
+    captions = {
+        "front_door": (T0, "a person at the front door"),
+        "garage": (T0 + 60.0, "a red car in the garage"),
+        "garage2": (T0 + 120.0, "an empty garage"),
+    }
+    metas = {}
+    for n, (key, (start, caption)) in enumerate(captions.items()):
+        camera = key.rstrip("2")
+        chunk = make_chunk(10, c, t0=start, seed=n)
+        meta = ChunkMeta.create(
+            camera, start, start + 8.0, n_frames=3, n_input_tokens=chunk.n_input, n_tokens=10, codec="fp16/v1"
+        )
+        vector = embedder.embed_text([caption])[0]
+        assert await store.put_chunk(meta, encode_chunk(chunk), vector)
+        index.add(meta, vector)
+        metas[key] = meta
+    await store.put_outage(OutageRecord("garage", T0 + 20.0, T0 + 50.0, "connection refused"))
+    return metas
+
+
+@pytest.fixture
+async def memory(redis_client, prefix, tiny_embedder, tiny_vlm):
+    store = MemoryStore(redis_client, key_prefix=prefix)
+    index = VectorIndex(tiny_embedder.dim)
+    metas = await fill(store, index, tiny_embedder, tiny_vlm.hidden_size)
+    return store, index, metas
+
+
+async def test_retriever_filters_fetches_and_reports_outages(memory, tiny_embedder):
+    store, index, metas = memory
+    retriever = Retriever(tiny_embedder, store, index, top_k=6, recent_chunks=1, max_chunks=12)
+    everything = await retriever.retrieve("cars", cameras=None, after_s=None, before_s=None)
+    assert [c.chunk_id for c in everything.chunks] == [metas[k].chunk_id for k in ("front_door", "garage", "garage2")]
+    assert everything.chunks[0].chunk.tokens.shape == (10, everything.chunks[0].chunk.tokens.shape[1])
+    assert [o.reason for o in everything.outages] == ["connection refused"]
+
+    garage = await retriever.retrieve("cars", cameras=["garage"], after_s=T0 + 100, before_s=None)
+    assert [c.chunk_id for c in garage.chunks] == [metas["garage2"].chunk_id]
+    assert garage.outages == []  # the outage ended before the window
+
+    # About now: the freshest chunk of each camera is included even when search ranks it out.
+    now = await retriever.retrieve("what is happening now?", cameras=None, after_s=None, before_s=None, top_k=1)
+    assert now.about_now
+    ids = {c.chunk_id for c in now.chunks}
+    assert {metas["front_door"].chunk_id, metas["garage2"].chunk_id} <= ids
+    assert any(c.fresh for c in now.chunks)
+
+
+async def test_answerer_answers_with_citations_and_streams(memory, tiny_embedder, tiny_vlm):
+    store, index, metas = memory
+    answerer = Answerer(
+        tiny_vlm,
+        tiny_embedder,
+        store,
+        index,
+        tz=TZ,
+        top_k=2,
+        recent_chunks=1,
+        max_prompt_chunks=4,
+        max_new_tokens=6,
+        generation_timeout_s=30.0,
+    )
+    try:
+        deltas: list[str] = []
+
+        async def on_delta(text: str) -> None:
+            deltas.append(text)
+
+        question = Question("who came to the door?", cameras=["front_door"], after_s=None, before_s=None, top_k=None)
+        answer = await answerer.answer(question, on_delta)
+        assert [c.camera for c in answer.citations] == ["front_door"]
+        assert answer.citations[0].start_s == metas["front_door"].start_s
+        assert answer.text == "".join(deltas).strip()
+        assert answer.timing_ms["total"] >= answer.timing_ms["generate"] > 0
+        # Same question again without streaming: greedy decoding gives the same text.
+        again = await answerer.answer(question)
+        assert again.text == answer.text
+    finally:
+        answerer.close()
+
+
+async def test_answerer_with_empty_memory_still_answers(redis_client, prefix, tiny_embedder, tiny_vlm):
+    store = MemoryStore(redis_client, key_prefix=prefix)
+    index = VectorIndex(tiny_embedder.dim)
+    answerer = Answerer(
+        tiny_vlm,
+        tiny_embedder,
+        store,
+        index,
+        tz=TZ,
+        top_k=2,
+        recent_chunks=1,
+        max_prompt_chunks=4,
+        max_new_tokens=4,
+        generation_timeout_s=30.0,
+    )
+    try:
+        answer = await answerer.answer(Question("is the gate open?"))
+    finally:
+        answerer.close()
+    assert answer.citations == []
+    assert isinstance(answer.text, str)
+    assert np.isfinite(answer.timing_ms["total"])

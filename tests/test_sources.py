@@ -1,0 +1,272 @@
+"""Pure parts of camera ingest: timestamps, sampling, chunking, source URLs, backoff."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamer.camera import backoff_delay_s
+from streamer.frames import MAX_PTS_STEP_S, ChunkBuilder, Frame, Sampler, StreamClock, unwrap_pts
+from streamer.settings import CameraSettings
+from streamer.sources import MPEGTS_WRAP_S, SourceError, parse_source, redact
+
+DATA = Path(__file__).parent / "data"
+IMAGE = np.zeros((2, 2, 3), np.uint8)
+
+# --------------------------------------------------------------------------- timestamps
+
+
+def test_unwrap_pts_undoes_one_wrap_and_keeps_ordinary_steps() -> None:
+    assert unwrap_pts(10.0, 10.1, MPEGTS_WRAP_S) == pytest.approx(0.1)
+    assert unwrap_pts(MPEGTS_WRAP_S - 0.04, 0.06, MPEGTS_WRAP_S) == pytest.approx(0.1)
+    # A small step back is not a wrap: it stays negative for the clock to treat as a jump.
+    assert unwrap_pts(10.0, 9.0, MPEGTS_WRAP_S) == pytest.approx(-1.0)
+    assert unwrap_pts(MPEGTS_WRAP_S - 0.04, 0.06, None) < 0
+
+
+def test_live_clock_follows_pts_across_a_wrap_not_arrival_jitter() -> None:
+    arrival = 1_700_000_000.0
+    clock = StreamClock(live=True, wrap_s=MPEGTS_WRAP_S, opened_s=arrival)
+    rng = random.Random(0)
+    raw = MPEGTS_WRAP_S - 1.0  # the stream wraps one second in
+    times = []
+    for _ in range(30):
+        times.append(clock(raw % MPEGTS_WRAP_S, arrival + rng.uniform(0, 0.3)))  # network delay, jittered
+        raw += 0.1
+        arrival += 0.1
+    steps = np.diff(times)
+    assert np.allclose(steps, 0.1, atol=1e-6), steps  # PTS spacing, no jitter, no jump at the wrap
+    assert clock.reanchors == 0
+    assert times[0] >= 1_700_000_000.0
+
+
+@pytest.mark.parametrize("jump_s", [-50.0, -0.5, MAX_PTS_STEP_S * 3])
+def test_live_clock_reanchors_on_pts_jump_and_stays_monotonic(jump_s: float) -> None:
+    clock = StreamClock(live=True)
+    arrival = 1000.0
+    for i in range(10):
+        clock(5.0 + i * 0.1, arrival + i * 0.1)
+    before = clock(5.0 + 10 * 0.1, arrival + 1.0)
+    after = clock(6.0 + jump_s, arrival + 1.1)  # encoder reset: PTS jump
+    nxt = clock(6.1 + jump_s, arrival + 1.2)
+    assert clock.reanchors == 1
+    assert after == pytest.approx(max(arrival + 1.1, before))
+    assert nxt == pytest.approx(after + 0.1)
+    assert before <= after < nxt
+
+
+def test_live_clock_never_stamps_a_frame_after_its_arrival() -> None:
+    clock = StreamClock(live=True)
+    clock(0.0, 100.0)
+    # The camera's clock runs fast: PTS says 9 s passed, arrival says 1 s.
+    for i in range(1, 10):
+        arrival = 100.0 + i / 9
+        assert clock(float(i), arrival) == pytest.approx(arrival)
+
+
+def test_live_clock_anchors_a_probing_burst_on_the_open_time() -> None:
+    # FFmpeg probes ~2 s of frames during open, then hands them over at once.
+    clock = StreamClock(live=True, opened_s=1000.0)
+    burst = [clock(i * 0.08, 1002.3 + i * 0.001) for i in range(30)]
+    assert burst[0] == 1000.0
+    assert np.allclose(np.diff(burst), 0.08)  # real spacing, not squeezed onto arrival
+    assert clock(30 * 0.08, 1002.45) == pytest.approx(1002.4)
+
+
+def test_live_clock_reanchors_when_falling_behind_arrival() -> None:
+    clock = StreamClock(live=True)
+    clock(0.0, 100.0)
+    ts = clock(1.0, 108.0)  # PTS advanced 1 s while 8 s passed (a slow camera clock, a frozen encoder)
+    assert clock.reanchors == 1
+    assert ts == 108.0
+
+
+def test_file_clock_starts_at_start_and_continues_after_a_restart() -> None:
+    clock = StreamClock(live=False, start_s=5000.0)
+    times = [clock(0.5 + i * 0.04, 0.0) for i in range(25)]  # arrival is ignored for files
+    assert times[0] == 5000.0
+    assert times[-1] == pytest.approx(5000.0 + 24 * 0.04)
+    restarted = clock(0.5, 0.0)  # concatenated recording: PTS start over
+    assert restarted == pytest.approx(times[-1] + 0.04)
+
+
+def test_clock_without_pts_uses_arrival_live_and_last_step_for_files() -> None:
+    live = StreamClock(live=True)
+    live(1.0, 50.0)
+    assert live(None, 50.3) == 50.3
+    file = StreamClock(live=False, start_s=0.0)
+    file(0.0, 0.0)
+    file(0.5, 0.0)
+    assert file(None, 0.0) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _sample(sample_fps: float, times: list[float]) -> list[float]:
+    sampler = Sampler(sample_fps)
+    return [t for t in times if sampler(t)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    input_fps=st.floats(2.0, 60.0),
+    ratio=st.floats(1.0, 20.0),
+    t0=st.floats(0.0, 1e9),
+    duration_s=st.floats(5.0, 40.0),
+)
+def test_sampler_keeps_the_frame_nearest_each_grid_point(
+    input_fps: float, ratio: float, t0: float, duration_s: float
+) -> None:
+    """Against a naive reference: grid t0 + k/sample_fps, nearest frame within half an interval."""
+    sample_fps = input_fps / ratio
+    interval = 1.0 / input_fps
+    times = [t0 + i * interval for i in range(int(duration_s * input_fps))]
+    kept = _sample(sample_fps, times)
+    period = 1.0 / sample_fps
+    grid = [t0 + k * period for k in range(int((times[-1] - t0) / period + 0.5) + 1)]
+    grid = [g for g in grid if g <= times[-1] + interval / 2 - 1e-6]
+    assert abs(len(kept) - len(grid)) <= 1
+    for g, t in zip(grid, kept, strict=False):
+        assert abs(t - g) <= interval / 2 + 1e-6  # 1e-6: float noise of t0 + i * interval at t0 ~ 1e9
+
+
+def test_sampler_rate_is_by_time_not_frame_count() -> None:
+    ten_s = 10.0
+    for input_fps in (12.5, 30.0, 29.83):
+        times = [i / input_fps for i in range(int(ten_s * input_fps))]
+        kept = _sample(2.0, times)
+        assert len(kept) == 20, (input_fps, len(kept))
+        # Each kept frame lies within half a frame interval of its grid point.
+        assert np.allclose(np.array(kept) - np.arange(20) * 0.5, 0.0, atol=0.5 / input_fps + 1e-9)
+
+
+def test_sampler_restarts_its_grid_after_a_gap_without_a_burst() -> None:
+    sampler = Sampler(1.0)
+    first = [t for t in np.arange(0.0, 5.0, 0.1) if sampler(float(t))]
+    after_gap = [t for t in np.arange(60.05, 63.0, 0.1) if sampler(float(t))]
+    assert len(first) == 5
+    assert after_gap[0] == pytest.approx(60.05)
+    assert np.allclose(np.diff(after_gap), 1.0, atol=0.051)
+
+
+def test_sampler_keeps_every_frame_when_sampling_faster_than_input() -> None:
+    times = [i * 0.2 for i in range(20)]
+    assert _sample(10.0, times) == times
+
+
+# --------------------------------------------------------------------------- chunking
+
+
+def _frames(times: list[float]) -> list[Frame]:
+    return [Frame("cam", t, IMAGE) for t in times]
+
+
+def test_chunks_cover_the_stream_in_order_without_losing_frames() -> None:
+    builder = ChunkBuilder("cam", chunk_s=4.0, max_frames=16, sample_fps=2.0)
+    times = [100.0 + i * 0.5 for i in range(41)]
+    chunks = [c for f in _frames(times) for c in builder.add(f)]
+    tail = builder.flush()
+    assert tail is not None
+    chunks.append(tail)
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert [f.ts_s for c in chunks for f in c.frames] == times
+    for c in chunks:
+        assert c.start_s == c.frames[0].ts_s
+        assert c.end_s == pytest.approx(c.frames[-1].ts_s + 0.5)
+        assert c.frames[-1].ts_s - c.start_s < 4.0
+    for a, b in itertools.pairwise(chunks):
+        assert a.end_s <= b.start_s + 1e-9
+    assert [len(c.frames) for c in chunks[:-1]] == [8] * (len(chunks) - 1)
+    assert builder.flush() is None
+
+
+def test_chunk_closes_at_the_frame_cap_and_on_a_gap() -> None:
+    builder = ChunkBuilder("cam", chunk_s=8.0, max_frames=3, sample_fps=1.0)
+    out = [c for f in _frames([0.0, 1.0, 2.0, 3.0, 30.0]) for c in builder.add(f)]
+    assert [len(c.frames) for c in out] == [3, 1]  # cap at 3, then the gap closes [3.0]
+    assert out[1].end_s == 4.0
+    assert builder.pending == 1
+    single = ChunkBuilder("cam", chunk_s=8.0, max_frames=1, sample_fps=1.0)
+    assert [len(single.add(f)) for f in _frames([0.0, 9.0, 10.0])] == [1, 1, 1]
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _cam(url: str, **kwargs: object) -> CameraSettings:
+    return CameraSettings(url=url, **kwargs)  # type: ignore[arg-type]
+
+
+def test_rtsp_defaults_to_tcp_with_socket_timeout_and_redacts_credentials() -> None:
+    url = "rtsp://admin:s3cret@10.0.0.5:554/stream1"
+    spec = parse_source(url, _cam(url, read_timeout_s=2.5, open_timeout_s=4.0))
+    assert spec.kind == "rtsp"
+    assert spec.live
+    assert spec.options == {"rtsp_transport": "tcp", "timeout": "2500000"}
+    assert spec.timeout == (4.0, 2.5)
+    assert "s3cret" not in spec.display
+    assert spec.display == "rtsp://admin:***@10.0.0.5:554/stream1"
+    udp = parse_source("rtsps://cam/x", _cam("rtsps://cam/x", rtsp_transport="udp"))
+    assert udp.options["rtsp_transport"] == "udp"
+
+
+@pytest.mark.parametrize("url", ["rtmp://host/live/key", "https://host/cam/index.m3u8", "http://host/mjpg/video.mjpg"])
+def test_network_sources_get_an_io_timeout(url: str) -> None:
+    spec = parse_source(url, _cam(url, read_timeout_s=3.0))
+    assert spec.live
+    assert spec.options == {"rw_timeout": "3000000"}
+
+
+def test_files_devices_and_lavfi() -> None:
+    clip = str(DATA / "car-detection.mp4")
+    plain = parse_source(clip, _cam(clip))
+    assert (plain.kind, plain.live, plain.paced, plain.loop) == ("file", False, False, False)
+    looped = parse_source(clip, _cam(clip, loop=True))
+    assert (looped.paced, looped.loop) == (True, True)
+    assert parse_source(f"file://{clip}", _cam(clip)).target == clip
+    cam = parse_source("/dev/video0", _cam("/dev/video0"))
+    assert (cam.kind, cam.format, cam.live) == ("v4l2", "v4l2", True)
+    lavfi = parse_source("lavfi:testsrc2=size=64x36:rate=5", _cam("lavfi:x"))
+    assert (lavfi.kind, lavfi.format, lavfi.paced) == ("lavfi", "lavfi", True)
+    assert lavfi.target == "testsrc2=size=64x36:rate=5"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://host/video.mp4", "unsupported scheme 'ftp'"),
+        ("/nonexistent/clip.mp4", "no such file"),
+        ("rtsp:///nohost", "no host"),
+        ("lavfi:", "filter graph"),
+    ],
+)
+def test_bad_urls_raise_a_clear_source_error(url: str, message: str) -> None:
+    with pytest.raises(SourceError, match=message):
+        parse_source(url, _cam(url))
+
+
+def test_redact_leaves_urls_without_password_alone() -> None:
+    assert redact("rtsp://cam:554/x") == "rtsp://cam:554/x"
+    assert redact("rtsp://user@cam/x") == "rtsp://user@cam/x"
+
+
+# --------------------------------------------------------------------------- backoff
+
+
+def test_backoff_grows_exponentially_with_jitter_and_respects_the_cap() -> None:
+    rng = random.Random(1)
+    for attempt in range(12):
+        base = min(8.0, 0.5 * 2**attempt)
+        delays = [backoff_delay_s(attempt, 0.5, 8.0, rng) for _ in range(50)]
+        assert all(base / 2 <= d <= base for d in delays)
+        assert len(set(delays)) > 1  # jittered
+    assert backoff_delay_s(10_000, 1.0, 30.0, rng) <= 30.0
+    assert math.isfinite(backoff_delay_s(10_000, 1.0, 30.0, rng))

@@ -1,0 +1,339 @@
+"""MemoryStore against a real Redis: round trips, time queries, retention, key slots, retry buffer."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+
+from memory.index import VectorIndex
+from memory.keys import RedisKeys
+from memory.store import ChunkMeta, MemoryStore, OutageRecord, chunk_id_for
+
+DIM = 16
+T0 = 1_700_000_000.0
+CHUNK_S = 8.0
+
+
+def _meta(camera: str, start_s: float, span_s: float = CHUNK_S) -> ChunkMeta:
+    return ChunkMeta.create(
+        camera, start_s, start_s + span_s, n_frames=8, n_input_tokens=512, n_tokens=51, codec="t/1"
+    )
+
+
+def _vec(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+
+
+def _payload(meta: ChunkMeta) -> bytes:
+    return f"payload-{meta.camera}-{meta.chunk_id}".encode() * 3
+
+
+async def _put_series(store: MemoryStore, camera: str, n: int, t0: float = T0) -> list[ChunkMeta]:
+    metas = [_meta(camera, t0 + i * CHUNK_S) for i in range(n)]
+    for i, meta in enumerate(metas):
+        assert await store.put_chunk(meta, _payload(meta), _vec(i))
+    return metas
+
+
+def test_chunk_id_is_deterministic_63_bit() -> None:
+    a = chunk_id_for("front", T0 + 1.0004)
+    assert a == chunk_id_for("front", T0 + 1.0)  # same millisecond
+    assert a != chunk_id_for("front", T0 + 1.002)
+    assert a != chunk_id_for("back", T0 + 1.0)
+    ids = {chunk_id_for("front", T0 + i * 0.001) for i in range(2000)}
+    assert len(ids) == 2000
+    assert all(0 <= i < 2**63 for i in ids)
+
+
+async def test_put_get_round_trip_and_idempotent_retry(redis_client, prefix) -> None:
+    store = MemoryStore(redis_client, key_prefix=prefix)
+    metas = await _put_series(store, "front", 5)
+    got = await store.get_chunks([("front", m.chunk_id) for m in reversed(metas)] + [("front", 42)])
+    assert [meta for meta, _ in got] == list(reversed(metas))
+    assert [payload for _, payload in got] == [_payload(m) for m in reversed(metas)]
+    vectors = await store.get_vectors("front", [m.chunk_id for m in metas])
+    for i, (meta, vec) in enumerate(vectors):
+        assert meta == metas[i]
+        np.testing.assert_array_equal(vec, _vec(i))
+    # Writing the same chunk again (a retry) changes nothing.
+    assert await store.put_chunk(metas[0], _payload(metas[0]), _vec(0))
+    ids, starts = await store.timeline("front")
+    assert ids.tolist() == [m.chunk_id for m in metas]
+    np.testing.assert_allclose(starts, [m.start_s for m in metas])
+    assert await store.cameras() == ["front"]
+    assert store.stats.written == 6
+    assert store.stats.buffered == store.stats.dropped == 0
+
+
+async def test_time_range_latest_and_out_of_order(redis_client, prefix) -> None:
+    store = MemoryStore(redis_client, key_prefix=prefix)
+    metas = [_meta("yard", T0 + i * CHUNK_S) for i in range(20)]
+    order = np.random.default_rng(0).permutation(20)
+    for i in order:  # out of order, as after a retry
+        await store.put_chunk(metas[i], _payload(metas[i]), _vec(int(i)))
+    await _put_series(store, "gate", 3)
+
+    # Overlap semantics: a chunk counts when start < before and end > after.
+    after, before = T0 + 3 * CHUNK_S + 1.0, T0 + 7 * CHUNK_S
+    got = await store.chunks_in_range("yard", after, before)
+    assert got == metas[3:7]
+    assert await store.chunks_in_range("yard", after, before, limit=2) == metas[3:5]
+    assert await store.chunks_in_range("yard", None, T0 + 2 * CHUNK_S) == metas[:2]
+    assert await store.chunks_in_range("yard", T0 + 18 * CHUNK_S, None) == metas[18:]
+    assert await store.chunks_in_range("yard", None, None) == metas
+    assert await store.chunks_in_range("yard", T0 - 100, T0) == []
+    assert await store.chunks_in_range("nowhere", None, None) == []
+    assert await store.latest_chunks("yard", 3) == metas[-3:]
+    assert await store.latest_chunks("yard", 0) == []
+    assert await store.cameras() == ["gate", "yard"]
+
+
+async def test_bad_input_is_refused_and_nothing_written(redis_client, prefix) -> None:
+    store = MemoryStore(redis_client, key_prefix=prefix)
+    good = _meta("front", T0)
+    with pytest.raises(ValueError, match="cannot be used in a Redis key"):
+        await store.put_chunk(ChunkMeta("bad{cam}", 1, T0, T0 + 1, 1, 1, 1, "x"), b"p", _vec(0))
+    with pytest.raises(ValueError, match="is not chunk_id_for"):
+        await store.put_chunk(ChunkMeta("front", 1, T0, T0 + 1, 1, 1, 1, "x"), b"p", _vec(0))
+    with pytest.raises(ValueError, match="end_s must be after start_s"):
+        await store.put_chunk(_meta("front", T0, span_s=0.0), b"p", _vec(0))
+    with pytest.raises(ValueError, match="end_s must be after start_s"):
+        await store.put_chunk(_meta("front", T0, span_s=3600.0), b"p", _vec(0))
+    with pytest.raises(ValueError, match="finite"):
+        await store.put_chunk(ChunkMeta("front", 1, float("nan"), T0, 1, 1, 1, "x"), b"p", _vec(0))
+    with pytest.raises(ValueError, match="NaN"):
+        await store.put_chunk(good, b"p", np.full(DIM, np.inf, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"shape \[D\]"):
+        await store.put_chunk(good, b"p", np.zeros((2, DIM), dtype=np.float32))
+    with pytest.raises(TypeError, match="payload must be bytes"):
+        await store.put_chunk(good, "text", _vec(0))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="before start_s"):
+        await store.put_outage(OutageRecord("front", T0, T0 - 1, "x"))
+    assert [k async for k in redis_client.scan_iter(match=f"{prefix}*")] == []
+    assert store.pending == 0
+    assert store.stats.written == store.stats.buffered == 0
+
+
+async def test_keys_carry_camera_hash_tag_and_share_a_slot(redis_client, prefix) -> None:
+    store = MemoryStore(redis_client, key_prefix=prefix)
+    for camera in ("front-door", "back_yard", "cam7"):
+        await _put_series(store, camera, 3)
+        await store.put_outage(OutageRecord(camera, T0 - 50, T0 - 10, "stream ended"))
+    keys = [k.decode() async for k in redis_client.scan_iter(match=f"{prefix}*")]
+    assert len(keys) == 1 + 3 * (1 + 3 + 1)  # cameras set + per camera: timeline, chunks, outages
+    slots: dict[str, set[int]] = {}
+    for key in keys:
+        if key == store.keys.cameras():
+            continue
+        camera = key.split("{", 1)[1].split("}", 1)[0]
+        assert key.startswith(f"{prefix}:{{{camera}}}:")
+        slots.setdefault(camera, set()).add(key_slot(key.encode()))
+    assert sorted(slots) == ["back_yard", "cam7", "front-door"]
+    for camera, camera_slots in slots.items():
+        assert camera_slots == {key_slot(camera.encode())}, camera
+    # The helper lists every key form, all in the camera's slot.
+    forms = RedisKeys(prefix).camera_keys("cam7", 1)
+    assert {key_slot(k.encode()) for k in forms} == {key_slot(b"cam7")}
+    with pytest.raises(ValueError, match="cannot be used"):
+        RedisKeys(prefix).timeline("a:b")
+
+
+async def test_outages_put_update_and_query(redis_client, prefix) -> None:
+    store = MemoryStore(redis_client, key_prefix=prefix)
+    await store.put_outage(OutageRecord("front", T0 + 100, None, "connection refused"))
+    await store.put_outage(OutageRecord("back", T0 + 50, T0 + 60, "stalled"))
+    await store.put_outage(OutageRecord("front", T0 + 10, T0 + 20, "stalled"))
+    everything = await store.outages()
+    assert [(o.camera, o.start_s) for o in everything] == [
+        ("front", T0 + 10),
+        ("back", T0 + 50),
+        ("front", T0 + 100),
+    ]
+    # An open outage overlaps every later window; updating it (same start) replaces the record.
+    assert [o.start_s for o in await store.outages(["front"], T0 + 500, T0 + 600)] == [T0 + 100]
+    await store.put_outage(OutageRecord("front", T0 + 100, T0 + 130, "connection refused"))
+    assert await store.outages(["front"], T0 + 500, T0 + 600) == []
+    assert await store.outages(["front"], T0 + 125, None) == [
+        OutageRecord("front", T0 + 100, T0 + 130, "connection refused")
+    ]
+    assert [o.camera for o in await store.outages(["back"], T0, T0 + 55)] == ["back"]
+    assert await store.outages(["back"], T0 + 60, None) == []
+
+
+async def test_retention_deletes_old_chunks_in_redis_and_index(redis_client, prefix) -> None:
+    store = MemoryStore(redis_client, key_prefix=prefix)
+    front = await _put_series(store, "front", 30)
+    back = await _put_series(store, "back", 10)
+    await store.put_outage(OutageRecord("front", T0 - 100, T0 - 90, "stalled"))
+    await store.put_outage(OutageRecord("front", T0 + 200, T0 + 210, "stalled"))
+    index = VectorIndex(DIM)
+    assert await index.catch_up(store) == (40, 0)
+
+    now = T0 + 30 * CHUNK_S
+    max_age = 20 * CHUNK_S - 1.0  # chunks starting before T0 + 10 * CHUNK_S + 1 go
+    assert await store.apply_retention("front", max_age, now) == 11
+    assert await store.chunks_in_range("front", None, None) == front[11:]
+    assert await store.get_chunks([("front", m.chunk_id) for m in front[:11]]) == []
+    assert [o.start_s for o in await store.outages(["front"])] == [T0 + 200]
+    assert await store.chunks_in_range("back", None, None) == back
+    assert await store.apply_retention("front", max_age, now) == 0
+
+    assert await index.catch_up(store) == (0, 11)
+    assert index.ids("front") == {m.chunk_id for m in front[11:]}
+    assert index.ids("back") == {m.chunk_id for m in back}
+    # The index's own cheap retention drops the same chunks.
+    twin = VectorIndex(DIM)
+    twin.add_many(front, np.stack([_vec(i) for i in range(30)]))
+    assert twin.remove_before("front", now - max_age) == 11
+    assert twin.ids("front") == index.ids("front")
+
+
+async def test_catch_up_adds_removes_and_matches_search(redis_client, prefix) -> None:
+    store = MemoryStore(redis_client, key_prefix=prefix)
+    metas = await _put_series(store, "front", 12)
+    index = VectorIndex(DIM)
+    index.add_many(metas[:4], np.stack([_vec(i) for i in range(4)]))
+    ghost = _meta("front", T0 - 1000)  # indexed, but its write never reached Redis
+    index.add(ghost, _vec(99))
+    assert await index.catch_up(store) == (8, 1)
+    assert index.ids() == {m.chunk_id for m in metas}
+    for i, meta in enumerate(metas):
+        assert index.search(_vec(i), 1, cameras={"front"}, after_s=meta.start_s, before_s=meta.end_s)[
+            0
+        ].chunk_id == (meta.chunk_id)
+    assert await index.catch_up(store) == (0, 0)
+
+
+# --------------------------------------------------------------------------- retry buffer
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class PrivateRedis:
+    """A redis-server of this test alone, which the test can stop and start again."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail(
+                "redis-server is not installed; install it with `bash scripts/setup.sh`", pytrace=False
+            )
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        pytest.fail(f"private redis-server did not listen on port {self.port} within 10 s", pytrace=False)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis(_free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _client(url: str) -> redis.Redis:
+    # No client-side retries: the store's own buffer is what is under test.
+    return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=1, socket_timeout=1)
+
+
+async def test_writes_buffered_while_redis_is_away_then_flushed(private_redis, prefix) -> None:
+    client = _client(private_redis.url)
+    try:
+        store = MemoryStore(client, key_prefix=prefix, buffer_chunks=8)
+        first = await _put_series(store, "front", 2)
+        private_redis.stop()
+        away = [_meta("front", T0 + 100 + i * CHUNK_S) for i in range(5)]
+        for i, meta in enumerate(away):
+            assert not await store.put_chunk(meta, _payload(meta), _vec(i))
+        assert not await store.put_outage(OutageRecord("front", T0 + 99, None, "redis test"))
+        assert store.pending == 6
+        assert await store.flush_pending() == 0  # still away
+        assert store.pending == 6
+        private_redis.start()  # a fresh server: what was written before is gone, the buffer is not
+        assert await store.flush_pending() == 6
+        assert store.pending == 0
+        assert await store.chunks_in_range("front", None, None) == away
+        assert [o.start_s for o in await store.outages(["front"])] == [T0 + 99]
+        assert (store.stats.written, store.stats.buffered, store.stats.retried, store.stats.dropped) == (
+            8,
+            6,
+            6,
+            0,
+        )
+        assert len(first) == 2
+    finally:
+        await client.aclose()
+
+
+async def test_buffer_overflow_drops_oldest_and_retry_loop_flushes(private_redis, prefix, caplog) -> None:
+    client = _client(private_redis.url)
+    stop = asyncio.Event()
+    try:
+        store = MemoryStore(client, key_prefix=prefix, buffer_chunks=3)
+        private_redis.stop()
+        metas = [_meta("gate", T0 + i * CHUNK_S) for i in range(5)]
+        with caplog.at_level("WARNING", logger="memory.store"):
+            for i, meta in enumerate(metas):
+                assert not await store.put_chunk(meta, _payload(meta), _vec(i))
+        assert store.pending == 3
+        assert store.stats.dropped == 2
+        warnings = [r.getMessage() for r in caplog.records if r.name == "memory.store"]
+        assert sum("unavailable" in m for m in warnings) == 1  # one line per state change
+        assert sum("buffer full" in m for m in warnings) == 1
+
+        loop_task = asyncio.create_task(store.run_retry_loop(stop, interval_s=0.05))
+        private_redis.start()
+        for _ in range(200):  # up to 10 s for the loop to notice
+            if not store.pending:
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(loop_task, 10)
+        assert store.pending == 0
+        # The two oldest were dropped; the three newest arrived.
+        assert await store.chunks_in_range("gate", None, None) == metas[2:]
+        assert store.stats.retried == 3
+    finally:
+        stop.set()
+        await client.aclose()
