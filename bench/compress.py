@@ -22,6 +22,7 @@ Encoders:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -58,11 +59,13 @@ CUT_TOLERANCE_S = 1.0  # one sampled frame at 1 fps
 # The needle: a 2x2-cell red/green checker pasted into frames 3 and 4 of each clip's second chunk.
 NEEDLE_CHUNK, NEEDLE_FRAMES, NEEDLE_CELL = 1, (3, 4), (6, 4)
 METHODS = ("vigil", "uniform", "random")
+LLAVA_OV_DIM = 896  # LLaVA-OV-0.5B's LLM width: the token size bytes per camera-hour is judged at
+FP16_BYTES = 2
 
 # Thresholds per feature space (docs/compression.md says how each was calibrated).
 CONFIGS: dict[str, CompressorConfig] = {
     "pixel": CompressorConfig(tau_static=0.95, tau_segment=0.5),
-    "llava-ov-0.5b": CompressorConfig(tau_static=0.95, tau_segment=0.5),
+    "llava-ov-0.5b": CompressorConfig(tau_static=0.95, tau_segment=0.8),
 }
 
 
@@ -161,6 +164,9 @@ class MethodStats:
     tokens_in: int = 0
     tokens_out: int = 0
     payload_bytes: int = 0
+    payload_int8_bytes: int = 0
+    payload_896_bytes: int = 0  # fp16 payload had the tokens LLaVA-OV-0.5B's 896 dims
+    start_896_bytes: int = 0  # of that, the first chunk of each clip (a stream start)
     coverage: list[torch.Tensor] = field(default_factory=list)
     ms: list[float] = field(default_factory=list)
     needle_cells: int = 0
@@ -173,6 +179,7 @@ class MethodStats:
 @dataclass
 class Totals:
     sampled_frames: int = 0
+    start_frames: int = 0  # sampled frames in the first chunk of each clip
     encoded_frames: int = 0
     encoder_s: float = 0.0
     empty_frames: int = 0
@@ -193,6 +200,24 @@ def run_methods(
     config: CompressorConfig,
 ) -> tuple[dict[str, tuple[CompressedChunk, float]], CompressorState]:
     """Compress one chunk with every method; returns {name: (chunk, ms)} and vigil's new state."""
+    t_start, t_end, weight = spans
+    # The compressor works on small tensors: thread fan-out costs more than it saves there (and on
+    # a shared CPU it stalls on busy cores), so it runs single-threaded, as the pipeline should.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_methods(tokens, glob, (t_start, t_end, weight), state, config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_methods(
+    tokens: torch.Tensor,
+    glob: torch.Tensor,
+    spans: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    state: CompressorState | None,
+    config: CompressorConfig,
+) -> tuple[dict[str, tuple[CompressedChunk, float]], CompressorState]:
     t_start, t_end, weight = spans
     t0 = time.perf_counter()
     ours, new_state = compress_chunk(tokens, glob, t_start, t_end, weight, grid=GRID, state=state, config=config)
@@ -236,6 +261,7 @@ def run_clip(path: Path, encoder: Encoder, config: CompressorConfig, max_frames:
         sources = ([last_encoded] if plan.reuse_first else []) + todo
         last_encoded = todo[-1] if todo else last_encoded
         totals.sampled_frames += len(chunk_thumbs)
+        totals.start_frames += len(chunk_thumbs) if k == 0 else 0
         if path.name == "one-by-one-person-detection.mp4":
             for j in range(len(chunk_thumbs)):
                 if any(a <= times[i + j] < b for a, b in EMPTY_STRETCHES_S):
@@ -254,7 +280,12 @@ def run_clip(path: Path, encoder: Encoder, config: CompressorConfig, max_frames:
             stats = totals.methods[name]
             stats.tokens_in += chunk.n_input
             stats.tokens_out += chunk.n_tokens
-            stats.payload_bytes += len(encode_chunk(chunk, "fp16"))
+            fp16 = len(encode_chunk(chunk, "fp16"))
+            stats.payload_bytes += fp16
+            stats.payload_int8_bytes += len(encode_chunk(chunk, "int8"))
+            at_896 = fp16 + chunk.n_tokens * (LLAVA_OV_DIM - chunk.tokens.shape[1]) * FP16_BYTES
+            stats.payload_896_bytes += at_896
+            stats.start_896_bytes += at_896 if k == 0 else 0
             stats.coverage.append(coverage(flat, chunk.tokens))
             stats.ms.append(ms)
         if k == NEEDLE_CHUNK and len(chunk_thumbs) == CHUNK_FRAMES:
@@ -360,12 +391,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder", choices=("pixel", "llava-ov-0.5b"), default="pixel")
     parser.add_argument("--max-frames", type=int, help="sampled frames per clip (default: all; 40 for llava-ov-0.5b)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--keep-ratio", type=float, help="override the compressor's keep_ratio")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     max_frames = args.max_frames or (40 if args.encoder == "llava-ov-0.5b" else None)
     encoder = pixel_encoder() if args.encoder == "pixel" else llava_ov_encoder(torch.bfloat16)
     config = CONFIGS[args.encoder]
+    if args.keep_ratio is not None:
+        config = dataclasses.replace(config, keep_ratio=args.keep_ratio)
     totals = Totals()
     print(
         f"encoder {encoder.name}, {max_frames or 'all'} frames per clip at {SAMPLE_FPS:g} fps, chunks of {CHUNK_FRAMES}"
@@ -386,6 +420,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:<8} {s.tokens_in:>8} {s.tokens_out:>8} {f['kept_ratio']:>7.2%} "
             f"{s.tokens_out / sampled_tokens:>10.2%} {f['bytes_per_camera_hour'] / 1e6:>9.2f} "
             f"{f['coverage_mean']:>8.3f} {f['coverage_p5']:>7.3f} {needle:>7} {cuts:>5} {f['ms_per_chunk']:>9.2f}"
+        )
+    steady_hours = (totals.sampled_frames - totals.start_frames) / SAMPLE_FPS / 3600.0
+    print(
+        "\nbytes per camera-hour (MB): fp16 / int8 at this encoder's width; fp16 at 896 dims; "
+        "the same without each clip's first chunk (a stream start)"
+    )
+    for name, s in totals.methods.items():
+        print(
+            f"  {name:<8} {s.payload_bytes / hours / 1e6:8.2f} {s.payload_int8_bytes / hours / 1e6:8.2f} "
+            f"{s.payload_896_bytes / hours / 1e6:8.2f} "
+            f"{(s.payload_896_bytes - s.start_896_bytes) / steady_hours / 1e6:8.2f}"
         )
     vigil = totals.methods["vigil"]
     saved_calls = 1 - totals.encoded_frames / totals.sampled_frames

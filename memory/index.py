@@ -118,9 +118,7 @@ class _Shard:
         if len(ids) == 0:
             return
         self.max_span_s = max(self.max_span_s, float(np.max(ends - starts)))
-        in_order = bool(np.all(np.diff(starts) >= 0)) and (
-            self.n == self.head or starts[0] >= self.starts[self.n - 1]
-        )
+        in_order = bool(np.all(np.diff(starts) >= 0)) and (self.n == self.head or starts[0] >= self.starts[self.n - 1])
         if not in_order:
             # Out-of-order arrivals (catch-up, late retries) are rare: merge and re-sort once.
             live = self.view()
@@ -264,14 +262,17 @@ class VectorIndex:
                 shard = self._shards.get(camera)
                 if shard is None:
                     shard = self._shards[camera] = _Shard(self.dim)
-                ms = [metas[r] for r in rows]
-                starts = np.array([m.start_s for m in ms], dtype=np.float64)
+                starts = np.array([metas[r].start_s for r in rows], dtype=np.float64)
                 order = np.argsort(starts, kind="stable")
+                picked = np.asarray(rows, dtype=np.int64)[order]
+                ms = [metas[r] for r in picked]
+                # A bulk load of one camera in time order (catch-up) needs no gather copy.
+                whole = len(picked) == len(vecs) and bool(np.all(picked == np.arange(len(vecs))))
                 shard.add(
-                    vecs[rows][order],
+                    vecs if whole else vecs[picked],
                     starts[order],
-                    np.array([m.end_s for m in ms], dtype=np.float64)[order],
-                    np.array([m.chunk_id for m in ms], dtype=np.int64)[order],
+                    np.array([m.end_s for m in ms], dtype=np.float64),
+                    np.array([m.chunk_id for m in ms], dtype=np.int64),
                 )
                 for m in ms:
                     self._camera_of[m.chunk_id] = camera
@@ -331,9 +332,7 @@ class VectorIndex:
         candidates: list[tuple[float, int, str, int]] = []  # (score, chunk id, camera, row)
         for name, view in views:
             scores, rows = _slice_search(view, q, k, after_s, before_s)
-            candidates.extend(
-                (float(s), int(view.ids[r]), name, int(r)) for s, r in zip(scores, rows, strict=True)
-            )
+            candidates.extend((float(s), int(view.ids[r]), name, int(r)) for s, r in zip(scores, rows, strict=True))
         candidates.sort(key=lambda c: (-c[0], c[1]))
         by_name = dict(views)
         return [

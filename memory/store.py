@@ -41,6 +41,7 @@ from memory.keys import RedisKeys, check_camera
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +201,23 @@ def _ms(value_s: float) -> int:
     return round(value_s * MS_PER_S)
 
 
+def _complete(rows: list[Any]) -> list[tuple[Any, Any]]:
+    """HMGET rows of two fields where the key exists and both fields are present."""
+    return [(a, b) for a, b in (row or (None, None) for row in rows) if a is not None and b is not None]
+
+
+async def _execute_reads(pipe: Pipeline) -> list[Any]:
+    """Run a pipeline of reads; a key Redis cannot read (WRONGTYPE) reads as None and is logged.
+
+    One damaged key must not fail a whole question or catch-up.
+    """
+    rows = await pipe.execute(raise_on_error=False)
+    bad = [row for row in rows if isinstance(row, redis_errors.ResponseError)]
+    if bad:
+        logger.warning("%d unreadable keys skipped (first: %s)", len(bad), bad[0])
+    return [None if isinstance(row, redis_errors.ResponseError) else row for row in rows]
+
+
 class MemoryStore:
     """Chunks, vectors and outages of every camera in one Redis (or Redis Cluster)."""
 
@@ -319,6 +337,10 @@ class MemoryStore:
                     self.stats.dropped += 1
                     logger.error("dropping a buffered write that Redis refuses: %s: %s", type(exc).__name__, exc)
                     continue
+                except BaseException:
+                    # Cancelled (shutdown deadline) or a bug: keep the write; rewriting is idempotent.
+                    self._pending.appendleft(item)
+                    raise
                 written += 1
                 self.stats.written += 1
                 self.stats.retried += 1
@@ -360,10 +382,8 @@ class MemoryStore:
         async with self._redis.pipeline(transaction=False) as pipe:
             for camera, chunk_id in refs:
                 pipe.hmget(self.keys.chunk(camera, chunk_id), ["meta", "payload"])
-            rows = await pipe.execute()
-        return [
-            (ChunkMeta.from_json(meta), payload) for meta, payload in rows if meta is not None and payload is not None
-        ]
+            rows = await _execute_reads(pipe)
+        return [(ChunkMeta.from_json(meta), payload) for meta, payload in _complete(rows)]
 
     async def get_vectors(self, camera: str, chunk_ids: Sequence[int]) -> list[tuple[ChunkMeta, np.ndarray]]:
         """Metadata and float32 vector [D] of chunks of one camera; missing ones skipped."""
@@ -372,11 +392,9 @@ class MemoryStore:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for chunk_id in chunk_ids[start : start + BATCH_IDS]:
                     pipe.hmget(self.keys.chunk(camera, chunk_id), ["meta", "vec"])
-                rows = await pipe.execute()
+                rows = await _execute_reads(pipe)
             out.extend(
-                (ChunkMeta.from_json(meta), np.frombuffer(vec, dtype=np.float32))
-                for meta, vec in rows
-                if meta is not None and vec is not None
+                (ChunkMeta.from_json(meta), np.frombuffer(vec, dtype=np.float32)) for meta, vec in _complete(rows)
             )
         return out
 
@@ -388,7 +406,7 @@ class MemoryStore:
                 for chunk_id in ids[start : start + BATCH_IDS]:
                     raw = chunk_id.decode() if isinstance(chunk_id, bytes) else chunk_id
                     pipe.hget(self.keys.chunk(camera, int(raw)), "meta")
-                rows = await pipe.execute()
+                rows = await _execute_reads(pipe)
             metas.extend(ChunkMeta.from_json(row) for row in rows if row is not None)
         return metas
 

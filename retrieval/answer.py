@@ -9,6 +9,7 @@ answer. One generation runs at a time; concurrency above that is bounded by the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -157,6 +158,11 @@ class Answerer:
         cancelled = threading.Event()
         deadline_s = time.monotonic() + self._generation_timeout_s
 
+        def put(item: object) -> None:
+            # The loop may be gone when an abandoned generation ends (vigil stopping): drop it.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
         def produce() -> None:
             try:
                 for delta in self._vlm.generate_stream(
@@ -164,11 +170,11 @@ class Answerer:
                 ):
                     if cancelled.is_set():
                         break
-                    loop.call_soon_threadsafe(queue.put_nowait, delta)
-            except BaseException as exc:  # handed to the loop and re-raised there
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
+                    put(delta)
+            except Exception as exc:  # handed to the loop and re-raised there
+                put(exc)
             finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+                put(_DONE)
 
         future = loop.run_in_executor(self._executor, produce)
         try:
@@ -183,7 +189,7 @@ class Answerer:
                     return
                 if item is _DONE:
                     return
-                if isinstance(item, BaseException):
+                if isinstance(item, Exception):
                     raise item
                 yield str(item)
         finally:

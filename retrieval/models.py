@@ -19,6 +19,7 @@ instance can serve the encoder thread and the generation thread at once.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -199,9 +200,7 @@ class VisionLanguageModel(ABC):
 
     family: ClassVar[Family]
 
-    def __init__(
-        self, name: str, model: PreTrainedModel, tokenizer: Any, preprocessor: dict[str, Any]
-    ) -> None:
+    def __init__(self, name: str, model: PreTrainedModel, tokenizer: Any, preprocessor: dict[str, Any]) -> None:
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
@@ -277,9 +276,7 @@ class VisionLanguageModel(ABC):
 
     def prompt_ids(self, parts: Sequence[PromptPart], system: str = SYSTEM_PROMPT) -> Tensor:
         """Token ids [L] of the chat (system, user with one placeholder per visual part, assistant cue)."""
-        content = "".join(
-            self._sanitise(p.text) if isinstance(p, TextPart) else self._placeholder for p in parts
-        )
+        content = "".join(self._sanitise(p.text) if isinstance(p, TextPart) else self._placeholder for p in parts)
         messages = [
             {"role": "system", "content": [{"type": "text", "text": system}]},
             {"role": "user", "content": [{"type": "text", "text": content}]},
@@ -288,33 +285,25 @@ class VisionLanguageModel(ABC):
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]  # [L]
         return ids
 
-    def assemble(
-        self, parts: Sequence[PromptPart], system: str = SYSTEM_PROMPT
-    ) -> tuple[Tensor, Tensor, int]:
+    def assemble(self, parts: Sequence[PromptPart], system: str = SYSTEM_PROMPT) -> tuple[Tensor, Tensor, int]:
         """Prompt → (inputs_embeds [1, L, C], position_ids [1, L] or [3, 1, L], next position)."""
         for part in parts:
             if isinstance(part, VisualPart) and part.tokens.shape[-1] != self.hidden_size:
                 raise ValueError(
-                    f"visual tokens have {part.tokens.shape[-1]} channels, "
-                    f"the model expects {self.hidden_size}"
+                    f"visual tokens have {part.tokens.shape[-1]} channels, the model expects {self.hidden_size}"
                 )
         visuals = [p for p in parts if isinstance(p, VisualPart)]
         ids = self.prompt_ids(parts, system)
         slots = (ids == self._placeholder_id).nonzero().flatten().tolist()
         if len(slots) != len(visuals):
-            raise ValueError(
-                f"chat template kept {len(slots)} visual placeholders for {len(visuals)} visual parts"
-            )
+            raise ValueError(f"chat template kept {len(slots)} visual placeholders for {len(visuals)} visual parts")
         segments: list[Tensor | VisualPart] = []
         start = 0
         for slot, part in zip(slots, visuals, strict=True):
             segments += [ids[start:slot], part]
             start = slot + 1
         segments.append(ids[start:])
-        pieces = [
-            self._embed(s.to(self.device)) if isinstance(s, Tensor) else self._visual_embeds(s)
-            for s in segments
-        ]
+        pieces = [self._embed(s.to(self.device)) if isinstance(s, Tensor) else self._visual_embeds(s) for s in segments]
         embeds = torch.cat(pieces, dim=0).unsqueeze(0)  # [1, L, C]
         positions, next_pos = self._positions(segments)
         return embeds, positions.to(self.device), next_pos
@@ -340,37 +329,36 @@ class VisionLanguageModel(ABC):
 
         ``deadline_s`` is a ``time.monotonic()`` instant; it is checked before every model step.
         """
-        if max_new_tokens < 1:
+        if max_new_tokens < 1 or (deadline_s is not None and time.monotonic() >= deadline_s):
             return
+        # Inference mode is entered per step, never held across a yield: grad mode is
+        # thread-local and would otherwise leak into the consumer while the generator waits.
         with torch.inference_mode():
-            if deadline_s is not None and time.monotonic() >= deadline_s:
-                return
             embeds, positions, next_pos = self.assemble(parts, system)
-            step_shape = (*positions.shape[:-1], 1)  # one new token per step
             cache = DynamicCache(config=self.model.config.get_text_config())
-            out = self.model(
+            logits = self.model(
                 inputs_embeds=embeds,
                 position_ids=positions,
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
-            )
-            for step in range(max_new_tokens):
-                token = int(out.logits[0, -1].argmax())
-                if token in self._eos:
-                    return
-                yield token
-                if step + 1 == max_new_tokens or (deadline_s is not None and time.monotonic() >= deadline_s):
-                    return
+            ).logits[0, -1]  # [V]
+        step_shape = (*positions.shape[:-1], 1)  # one new token per step
+        for step in range(max_new_tokens):
+            token = int(logits.argmax())
+            if token in self._eos:
+                return
+            yield token
+            if step + 1 == max_new_tokens or (deadline_s is not None and time.monotonic() >= deadline_s):
+                return
+            with torch.inference_mode():
                 token_embeds = self._embed(torch.tensor([[token]], device=self.device))  # [1, 1, C]
-                out = self.model(
+                logits = self.model(
                     inputs_embeds=token_embeds,
-                    position_ids=torch.full(
-                        step_shape, next_pos + step, dtype=torch.long, device=self.device
-                    ),
+                    position_ids=torch.full(step_shape, next_pos + step, dtype=torch.long, device=self.device),
                     past_key_values=cache,
                     use_cache=True,
-                )
+                ).logits[0, -1]  # [V]
 
     def generate_stream(
         self,
@@ -388,9 +376,7 @@ class VisionLanguageModel(ABC):
         ids: list[int] = []
         emitted = ""
         started = time.monotonic()
-        for token in self.generate_tokens(
-            parts, max_new_tokens=max_new_tokens, deadline_s=deadline_s, system=system
-        ):
+        for token in self.generate_tokens(parts, max_new_tokens=max_new_tokens, deadline_s=deadline_s, system=system):
             ids.append(token)
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             if text.endswith(_INCOMPLETE_UTF8) or not text.startswith(emitted):
@@ -412,9 +398,7 @@ class LlavaOneVisionVLM(VisionLanguageModel):
 
     family: ClassVar[Family] = "llava_onevision"
 
-    def __init__(
-        self, name: str, model: PreTrainedModel, tokenizer: Any, preprocessor: dict[str, Any]
-    ) -> None:
+    def __init__(self, name: str, model: PreTrainedModel, tokenizer: Any, preprocessor: dict[str, Any]) -> None:
         super().__init__(name, model, tokenizer, preprocessor)
         config = model.config
         side = int(config.vision_config.image_size)
@@ -478,9 +462,7 @@ class Qwen25VLVLM(VisionLanguageModel):
 
     family: ClassVar[Family] = "qwen2_5_vl"
 
-    def __init__(
-        self, name: str, model: PreTrainedModel, tokenizer: Any, preprocessor: dict[str, Any]
-    ) -> None:
+    def __init__(self, name: str, model: PreTrainedModel, tokenizer: Any, preprocessor: dict[str, Any]) -> None:
         super().__init__(name, model, tokenizer, preprocessor)
         vision = model.config.vision_config
         self._patch = int(vision.patch_size)
@@ -506,9 +488,7 @@ class Qwen25VLVLM(VisionLanguageModel):
         rows, cols = self._grid
         if t == 0:
             width = int(self.model.config.vision_config.hidden_size)
-            return VisualTokens(
-                torch.zeros(0, rows * cols, self.hidden_size), torch.zeros(0, width), self._grid
-            )
+            return VisualTokens(torch.zeros(0, rows * cols, self.hidden_size), torch.zeros(0, width), self._grid)
         flat, grid_thw = qwen_patchify(pixels, self._patch, self._merge, self._tps)  # [T·gh·gw, D], [T, 3]
         out = self.model.model.visual(flat.to(self.device, self.dtype), grid_thw=grid_thw.to(self.device))
         tokens = out.pooler_output.reshape(t, rows * cols, -1)  # [T, N, C] raster order per frame
@@ -556,6 +536,22 @@ class Qwen25VLVLM(VisionLanguageModel):
 
 # --------------------------------------------------------------------------- loading
 
+
+def _processor_chat_template(source: str, setting: str) -> str:
+    """The chat template of checkpoints that keep it with the processor (``chat_template.json``)."""
+    try:
+        path = cached_file(source, "chat_template.json")
+    except (OSError, ValueError) as exc:
+        raise not_found_error(source, setting, exc) from exc
+    if path is None:
+        raise ModelNotFoundError(f"{source!r} has no chat template (tokenizer or chat_template.json)")
+    with open(path, encoding="utf-8") as handle:
+        template = json.load(handle).get("chat_template")
+    if not isinstance(template, str):
+        raise ModelNotFoundError(f"{path}: no 'chat_template' string")
+    return template
+
+
 FAMILIES: dict[str, tuple[type[VisionLanguageModel], type[PreTrainedModel]]] = {
     "llava_onevision": (LlavaOneVisionVLM, LlavaOnevisionForConditionalGeneration),
     "qwen2_5_vl": (Qwen25VLVLM, Qwen2_5_VLForConditionalGeneration),
@@ -585,6 +581,8 @@ def load_vlm(name_or_dir: str, device: str = "auto", dtype: str = "auto") -> Vis
     except OSError as exc:
         raise not_found_error(name_or_dir, setting, exc) from exc
     model = model.to(torch_device).eval()
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = _processor_chat_template(source, setting)
     preprocessor = read_preprocessor_config(resolve_file(source, "preprocessor_config.json", setting))
     vlm = wrapper(name_or_dir, model, tokenizer, preprocessor)
     logger.info(

@@ -46,9 +46,11 @@ NOW_WORDS = re.compile(
     r"these days|at this moment)\b",
     re.IGNORECASE,
 )
+# Past auxiliaries and time words only: a suffix rule ("-ed") would read "is the red car parked?"
+# as past.
 PAST_WORDS = re.compile(
     r"\b(was|were|did|had|happened|yesterday|earlier|ago|last|before|previously|came|went|left|"
-    r"arrived|saw|seen)\b|\b\w+ed\b",
+    r"arrived|saw|seen)\b",
     re.IGNORECASE,
 )
 PRESENT_WORDS = re.compile(r"\b(is|are|am|does|do|has|have)\b|\w'(s|re)\b", re.IGNORECASE)

@@ -30,10 +30,13 @@ else
     # The default models come from the Hugging Face hub (or its cache); say so plainly when they can't.
     if ! .venv/bin/python - "$CONFIG" <<'PY'
 import sys
+from pathlib import Path
 from huggingface_hub import snapshot_download
 from streamer.settings import load_settings
 models = load_settings(sys.argv[1]).models
 for repo in (models.vlm, models.embedder):
+    if Path(repo).is_dir():  # a local copy: nothing to download
+        continue
     try:
         snapshot_download(repo)
     except Exception as exc:  # offline, unknown id, no space: all mean "cannot run the real demo"

@@ -72,12 +72,14 @@ def serve_gst(port: int, path: str, mount: str, stall_after_s: float | None) -> 
             started = time.monotonic()
             pad = media.get_element().get_by_name("pay0").get_static_pad("src")
 
-            def drop_late(_pad: object, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
+            def hold_late(_pad: object, _info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
+                # A blocking probe parks the streaming thread: no data, but no EOS or BYE either
+                # (dropping buffers instead made FFmpeg see the stream end).
                 if time.monotonic() - started > stall_after_s:
-                    return Gst.PadProbeReturn.DROP
-                return Gst.PadProbeReturn.OK
+                    return Gst.PadProbeReturn.OK
+                return Gst.PadProbeReturn.PASS
 
-            pad.add_probe(Gst.PadProbeType.BUFFER, drop_late)
+            pad.add_probe(Gst.PadProbeType.BLOCK | Gst.PadProbeType.BUFFER | Gst.PadProbeType.BUFFER_LIST, hold_late)
 
         factory.connect("media-configure", on_configure)
 

@@ -63,6 +63,8 @@ THREAD_JOIN_S = 1.0
 # Share of a backoff delay that is randomised, so cameras behind one failed switch do not
 # reconnect in lockstep ("equal jitter").
 BACKOFF_JITTER = 0.5
+# An open that failed after this share of open_timeout_s was ended by the timeout.
+OPEN_TIMEOUT_SHARE = 0.95
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +208,7 @@ class CameraWorker:
         self._session: _Session | None = None
         self._last_frame_mono: float | None = None
         self._rates = (0.0, 0.0)
-        self._window: tuple[float, int, int] | None = None  # (monotonic, decoded, sampled) at window start
+        self._window: tuple[float, float, int, int] | None = None  # (monotonic, ts_s, decoded, sampled) at start
         self._outage: Outage | None = None
         self._live = True
         self._builder = ChunkBuilder(
@@ -338,12 +340,13 @@ class CameraWorker:
         opened_s = time.time()  # frames buffered while probing were captured after this
         try:
             container = open_source(spec)
-        except av.error.ExitError:
-            # PyAV's interrupt callback fired: our open timeout, not an FFmpeg failure.
-            session.inbox.put(_Ended(TimeoutError(f"no answer within {self.settings.open_timeout_s:g} s")))
-            return
         except BaseException as exc:  # every failure goes to the loop, which classifies it
-            session.inbox.put(_Ended(exc))
+            # When PyAV's interrupt callback ends the open, FFmpeg reports ExitError or, from the
+            # RTSP demuxer, InvalidDataError: the elapsed time says which it really was.
+            error: BaseException = exc
+            if spec.timeout is not None and time.time() - opened_s >= spec.timeout[0] * OPEN_TIMEOUT_SHARE:
+                error = TimeoutError(f"no answer within {spec.timeout[0]:g} s")
+            session.inbox.put(_Ended(error))
             return
         try:
             session.inbox.put(_Opened())
@@ -405,15 +408,21 @@ class CameraWorker:
             await self._on_chunk(chunk)
 
     def _update_rates(self, session: _Session) -> None:
+        """Frames per second of stream time, over windows of about RATE_WINDOW_S of wall time.
+
+        Stream time, not wall time: the burst of frames FFmpeg buffers while probing a stream
+        would otherwise read as a camera running far above its rate.
+        """
+        stats = session.stats
         now = time.monotonic()
-        counts = (session.stats.decoded, session.stats.sampled)
+        mark = (now, stats.last_ts_s, stats.decoded, stats.sampled)
         if self._window is None:
-            self._window = (now, *counts)
+            self._window = mark
             return
-        elapsed = now - self._window[0]
-        if elapsed >= RATE_WINDOW_S:
-            self._rates = ((counts[0] - self._window[1]) / elapsed, (counts[1] - self._window[2]) / elapsed)
-            self._window = (now, *counts)
+        span_s = stats.last_ts_s - self._window[1]
+        if now - self._window[0] >= RATE_WINDOW_S and span_s > 0:
+            self._rates = ((stats.decoded - self._window[2]) / span_s, (stats.sampled - self._window[3]) / span_s)
+            self._window = mark
 
     async def _set_state(self, state: CameraState, error: str | None) -> None:
         if (state, error) == (self._state, self._error):

@@ -114,8 +114,9 @@ class StreamClock:
                 return self._emit(arrival_s)
             # A file whose timestamps restart (concatenated recordings): continue after the last frame.
             self.reanchors += 1
-            self._anchor(raw_s, self._last_ts_s + self._last_step_s)
-            return self._emit(self._anchor_wall_s or arrival_s)
+            resume_s = self._last_ts_s + self._last_step_s
+            self._anchor(raw_s, resume_s)
+            return self._emit(resume_s)
         self._stream_s += step
         self._prev_raw_s = raw_s
         ts = self._anchor_wall_s + self._stream_s
@@ -181,7 +182,6 @@ class Sampler:
         earliest = self.earliest_s
         if earliest is not None and ts_s < earliest:
             return False
-        assert self.next_due_s is not None or earliest is None
         if self.next_due_s is None or ts_s - self.next_due_s >= self.period_s:
             self.next_due_s = ts_s + self.period_s
         else:
@@ -198,7 +198,8 @@ class ChunkBuilder:
 
     A chunk closes when the next frame lies ``chunk_s`` or more after the chunk's first frame
     (a gap therefore closes it too) or when it holds ``max_frames`` frames. ``end_s`` is the last
-    frame's time plus one sampling period: the span the chunk stands for.
+    frame's time plus one sampling period (the span the chunk stands for), but never later than
+    the next chunk's first frame.
     """
 
     camera: str
@@ -212,7 +213,7 @@ class ChunkBuilder:
         """Add a frame; return the chunks it closed (none, the previous one, and/or a full one)."""
         done: list[Chunk] = []
         if self._frames and frame.ts_s - self._frames[0].ts_s >= self.chunk_s - TIME_EPSILON_S:
-            done.append(self._close())
+            done.append(self._close(next_s=frame.ts_s))
         self._frames.append(frame)
         if len(self._frames) >= self.max_frames:
             # A full chunk is handed on at once, not when the next frame comes.
@@ -223,13 +224,15 @@ class ChunkBuilder:
         """Close the partial chunk (end of stream, reconnect, stop); None when empty."""
         return self._close() if self._frames else None
 
-    def _close(self) -> Chunk:
+    def _close(self, next_s: float | None = None) -> Chunk:
         frames, self._frames = self._frames, []
+        end_s = frames[-1].ts_s + 1.0 / self.sample_fps
         chunk = Chunk(
             camera=self.camera,
             seq=self.seq,
             start_s=frames[0].ts_s,
-            end_s=frames[-1].ts_s + 1.0 / self.sample_fps,
+            # Never past the next chunk's first frame, so consecutive spans do not overlap.
+            end_s=end_s if next_s is None else min(end_s, next_s),
             frames=frames,
         )
         self.seq += 1

@@ -182,6 +182,9 @@ def iter_chunks(
         if skip == "nonref":
             stream.codec_context.skip_frame = "NONREF"
         if skip == "gop":
+            # Frame threading holds frames back (one per thread), so the decoder would run past
+            # the wanted frame before it came out; slice threading returns each frame at once.
+            stream.thread_type = "SLICE"
             gate = _WantGate(sampler)
             frames = decode_gops(container, stats, gate)
             items = _offsets(timestamped(frames, clock, time_base), gate, time_base)

@@ -29,7 +29,7 @@ import random
 import socket
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -155,7 +155,7 @@ def error_payload(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
 
-def backoff_delays(initial_s: float, max_s: float, rng: random.Random) -> Any:
+def backoff_delays(initial_s: float, max_s: float, rng: random.Random) -> Iterator[float]:
     """Exponential backoff with jitter: initial, 2×, 4× … capped at ``max_s``, each scaled by [0.5, 1)."""
     delay = initial_s
     while True:
@@ -191,6 +191,7 @@ class MqttApi:
         self._jobs: set[asyncio.Task[None]] = set()
         self._client: aiomqtt.Client | None = None  # set while connected
         self._lost = asyncio.Event()  # set when the current connection drops
+        self._stopping = False
         self._rng = random.Random()
         self.counters: dict[str, int] = dict.fromkeys(
             (
@@ -262,12 +263,14 @@ class MqttApi:
         """Connect, serve and reconnect until ``stop`` is set; then drain and go offline."""
         s = self._settings
         delays = backoff_delays(RECONNECT_INITIAL_S, s.reconnect_max_s, self._rng)
+        failures = 0  # failed attempts since the last successful connection
         try:
             while not stop.is_set():
                 try:
                     async with self._mqtt as client:
                         await self._on_connect(client)
                         delays = backoff_delays(RECONNECT_INITIAL_S, s.reconnect_max_s, self._rng)
+                        failures = 0
                         if ready is not None:
                             ready.set()
                         if await self._serve(client, stop):
@@ -276,7 +279,11 @@ class MqttApi:
                 except aiomqtt.MqttError as exc:
                     self._connection_lost()
                     delay = next(delays)
-                    log.warning(
+                    # One warning per outage; the retries while it lasts are debug lines.
+                    level = logging.WARNING if failures == 0 else logging.DEBUG
+                    failures += 1
+                    log.log(
+                        level,
                         "MQTT broker %s:%d unreachable or lost (%s); retrying in %.1f s",
                         s.host,
                         s.port,
@@ -340,9 +347,18 @@ class MqttApi:
                 self._dispatch(message)
 
     async def _shutdown(self, client: aiomqtt.Client) -> None:
-        """Staged stop: no new questions, running answers finish (with a deadline), go offline."""
-        with contextlib.suppress(aiomqtt.MqttError):
-            await client.unsubscribe(self.ask_topic)
+        """Staged stop: no new questions, running answers finish (with a deadline), go offline.
+
+        The subscription stays in the persistent session, so questions asked while vigil is down
+        are queued by the broker and answered after the restart. Questions already received but
+        not started are refused with ``shutdown`` (the client library acknowledged them).
+        """
+        self._stopping = True
+        messages = client.messages
+        for _ in range(len(messages)):
+            message = await anext(messages)  # already queued: does not wait
+            if message.topic.matches(self.ask_topic):
+                self._dispatch(message)
         if self._jobs:
             log.info("waiting up to %.0f s for %d answer(s) in flight", self._drain_timeout_s, len(self._jobs))
             await asyncio.wait(set(self._jobs), timeout=self._drain_timeout_s)
@@ -483,6 +499,8 @@ class MqttApi:
             if parse_error is not None:
                 raise parse_error
             question = parse_request(fields, tz=self._tz, cameras=self._cameras)
+            if self._stopping:
+                raise RequestError("shutdown", "vigil is stopping; ask again when it is back online")
             if len(self._jobs) >= self._settings.max_in_flight:
                 raise RequestError(
                     "busy", f"{len(self._jobs)} questions are being answered (max_in_flight); ask again later"

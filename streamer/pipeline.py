@@ -18,9 +18,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 import redis.asyncio as aioredis
 import torch
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from memory.baselines import random_keep, uniform_pool
 from memory.codec import VERSION as CODEC_VERSION
@@ -42,6 +45,12 @@ logger = logging.getLogger(__name__)
 INDEX_SAVE_INTERVAL_S = 60.0  # the index is derived from Redis: a stale file only costs catch-up time
 RETENTION_INTERVAL_S = 600.0  # retention is by days; checking every 10 minutes is plenty
 SECONDS_PER_DAY = 86400.0
+REDIS_TIMEOUT_S = 5.0  # a Redis that does not answer within this is treated as away
+REDIS_RETRY_CAP_S = 1.0
+# Filtered searches score small contiguous slices; OpenMP's thread start-up costs more than it
+# saves there, and the cores are better left to the encoder and generation threads
+# (docs/storage.md: 12x slower p50 at 10k vectors with 2 threads on a busy 2-core machine).
+FAISS_THREADS = 1
 
 
 @dataclass
@@ -296,12 +305,20 @@ class Pipeline:
 
 
 def index_path_for(settings: Settings) -> Path:
-    return Path(settings.data_dir) / "index" / f"{settings.redis.key_prefix}.faiss"
+    return Path(settings.data_dir) / "index" / f"{settings.redis.key_prefix}.npz"
 
 
 def redis_client(settings: Settings) -> aioredis.Redis:
+    """An asyncio client that fails fast: MemoryStore buffers and retries writes itself, so
+    redis-py's own retries would only hold a camera's chunk for seconds while Redis is away."""
     password = settings.redis.password.get_secret_value() if settings.redis.password else None
-    return aioredis.Redis.from_url(settings.redis.url, password=password)
+    return aioredis.Redis.from_url(
+        settings.redis.url,
+        password=password,
+        retry=Retry(ExponentialBackoff(cap=REDIS_RETRY_CAP_S), retries=1),
+        socket_connect_timeout=REDIS_TIMEOUT_S,
+        socket_timeout=REDIS_TIMEOUT_S,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -312,6 +329,7 @@ async def open_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
     ``ConnectionError`` when Redis cannot be reached at start.
     """
     models = settings.models
+    faiss.omp_set_num_threads(FAISS_THREADS)
     started = time.perf_counter()
     vlm, embedder = await asyncio.gather(
         asyncio.to_thread(load_vlm, models.vlm, models.device, models.dtype),

@@ -62,12 +62,16 @@ class CameraSettings(_Strict):
     url: str = Field(
         description=(
             "Source: rtsp://, rtsps://, rtmp://, http(s):// (HLS, MJPEG), a local file path, "
-            "a V4L2 device (/dev/videoN) or lavfi:GRAPH (an FFmpeg test source, e.g. lavfi:testsrc2=size=640x360:rate=10)."
+            "a V4L2 device (/dev/videoN) or lavfi:GRAPH (an FFmpeg test source, "
+            "e.g. lavfi:testsrc2=size=640x360:rate=10)."
         )
     )
     enabled: bool = Field(default=True, description="Set false to keep the camera configured but not ingested.")
     sample_fps: float = Field(
-        default=1.0, gt=0, le=30, description="Frames sampled per second of stream time (by timestamp, not frame count)."
+        default=1.0,
+        gt=0,
+        le=30,
+        description="Frames sampled per second of stream time (by timestamp, not frame count).",
     )
     chunk_s: float = Field(default=8.0, gt=0, le=120, description="Length of a memory chunk in seconds.")
     max_frames_per_chunk: int = Field(
@@ -96,7 +100,9 @@ class CameraSettings(_Strict):
     reconnect_initial_s: float = Field(default=1.0, gt=0, description="First reconnect delay.")
     reconnect_max_s: float = Field(default=30.0, gt=0, description="Cap of the exponential reconnect delay.")
     frame_queue_size: int = Field(
-        default=32, ge=1, description="Frames buffered between the decoder thread and the loop; when full the oldest is dropped."
+        default=32,
+        ge=1,
+        description="Frames buffered between the decoder thread and the loop; when full the oldest is dropped.",
     )
     retention_days: float = Field(default=7.0, gt=0, description="Memory of this camera older than this is deleted.")
 
@@ -130,13 +136,17 @@ class MqttSettings(_Strict):
     reconnect_max_s: float = Field(default=30.0, gt=0, description="Cap of the exponential reconnect delay.")
     max_payload_bytes: int = Field(default=65536, ge=256, description="Larger question payloads are refused.")
     max_in_flight: int = Field(default=4, ge=1, description="Questions answered at once; more are refused with 'busy'.")
-    answer_timeout_s: float = Field(default=120.0, gt=0, description="A question not answered by then gets a timeout error.")
+    answer_timeout_s: float = Field(
+        default=120.0, gt=0, description="A question not answered by then gets a timeout error."
+    )
 
     @field_validator("topic_prefix")
     @classmethod
     def _topic(cls, value: str) -> str:
         if not TOPIC_PREFIX_RE.match(value):
-            raise ValueError(f"topic_prefix {value!r} must be topic levels of letters, digits, '_' or '-' joined by '/'")
+            raise ValueError(
+                f"topic_prefix {value!r} must be topic levels of letters, digits, '_' or '-' joined by '/'"
+            )
         return value
 
 
@@ -150,7 +160,9 @@ class RedisSettings(_Strict):
     )
     key_prefix: str = Field(default="vigil", description="First part of every Redis key vigil writes.")
     write_buffer_chunks: int = Field(
-        default=512, ge=1, description="Chunks held for retry while Redis is unreachable; older ones are dropped and counted."
+        default=512,
+        ge=1,
+        description="Chunks held for retry while Redis is unreachable; older ones are dropped and counted.",
     )
 
     @field_validator("url")
@@ -176,7 +188,9 @@ class ModelSettings(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="auto: bfloat16 on GPU (float16 where bf16 is unsupported), float32 on CPU."
     )
-    encode_batch_frames: int = Field(default=8, ge=1, description="Frames from all cameras batched into one encoder call.")
+    encode_batch_frames: int = Field(
+        default=8, ge=1, description="Frames from all cameras batched into one encoder call."
+    )
     encode_max_wait_ms: float = Field(default=50.0, ge=0, description="Longest a frame waits for its batch to fill.")
     max_new_tokens: int = Field(default=256, ge=1, description="Cap on the length of an answer in tokens.")
     generation_timeout_s: float = Field(default=90.0, gt=0, description="Cap on the time spent generating one answer.")
@@ -192,7 +206,8 @@ class CompressionSettings(_Strict):
         default=0.10, gt=0, le=1, description="Target share of the encoder's tokens kept for a chunk of typical change."
     )
     skip_unchanged: bool = Field(
-        default=True, description="Skip the encoder for frames whose pixels did not change; they extend the previous frame."
+        default=True,
+        description="Skip the encoder for frames whose pixels did not change; they extend the previous frame.",
     )
     codec: Literal["fp16", "int8"] = Field(default="fp16", description="Storage precision of kept tokens.")
 
@@ -200,7 +215,9 @@ class CompressionSettings(_Strict):
 class RetrievalSettings(_Strict):
     """How questions find memory."""
 
-    top_k: int = Field(default=6, ge=1, le=64, description="Chunks retrieved for a question unless the question sets top_k.")
+    top_k: int = Field(
+        default=6, ge=1, le=64, description="Chunks retrieved for a question unless the question sets top_k."
+    )
     recent_chunks: int = Field(
         default=2, ge=0, description="Freshest chunks per selected camera added for questions about now."
     )

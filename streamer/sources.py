@@ -151,6 +151,8 @@ def describe(exc: BaseException) -> str:
         return f"{type(exc).__name__}: {exc.strerror or exc}"
     if isinstance(exc, TimeoutError):
         return f"timed out ({exc})" if str(exc) else "timed out"
+    if type(exc).__name__ == "StalledError":  # streamer.camera's own error: its message says it all
+        return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -196,6 +198,7 @@ class DecodeStats:
     sampled: int = 0
     loops: int = 0
     last_frame_mono: float = 0.0  # time.monotonic() of the last decoded frame (0: none yet)
+    last_ts_s: float = 0.0  # wall-clock stamp of the last decoded frame (for rates in stream time)
 
 
 def decode(
@@ -264,6 +267,7 @@ def sampled(
 ) -> Iterator[Frame]:
     """Keep the frames the sampler wants, converted to RGB only now."""
     for ts, frame in items:
+        stats.last_ts_s = ts
         if sampler(ts):
             stats.sampled += 1
             yield Frame(camera=camera, ts_s=ts, image=frame.to_ndarray(format="rgb24"))  # [H, W, 3]

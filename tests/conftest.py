@@ -57,8 +57,10 @@ async def redis_client(redis_url: str, prefix: str) -> AsyncIterator[object]:
     client = redis.Redis.from_url(redis_url)
     try:
         await client.ping()
-    except Exception as exc:  # noqa: BLE001 - any connection failure means the same to the user
-        pytest.fail(f"Redis at {redis_url} does not answer PING ({exc}); start it with `bash scripts/setup.sh`", pytrace=False)
+    except Exception as exc:
+        pytest.fail(
+            f"Redis at {redis_url} does not answer PING ({exc}); start it with `bash scripts/setup.sh`", pytrace=False
+        )
     yield client
     keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
     if keys:

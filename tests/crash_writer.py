@@ -25,9 +25,9 @@ from memory.store import ChunkMeta, MemoryStore
 T0 = 1_700_000_000.0
 CHUNK_S = 8.0
 CAMERAS = ("north", "south")
-# The index starts with this many chunks so that each save writes a file of a few MB: a kill then
-# has a fair chance of landing in the middle of a save.
-PRELOAD_CHUNKS = 2000
+# The index starts with this many chunks so that each save writes a file of about 0.5 MB: a kill
+# then has a fair chance of landing in the middle of a save.
+PRELOAD_CHUNKS = 500
 
 
 async def main() -> None:

@@ -133,7 +133,7 @@ async def test_rtsp_stream_gives_monotonic_wall_clock_frames_at_the_sample_rate(
     for chunk in cam.rec.chunks:
         assert chunk.camera == "lot"
         assert chunk.start_s == chunk.frames[0].ts_s
-        assert chunk.end_s == pytest.approx(chunk.frames[-1].ts_s + 1 / sample_fps)
+        assert chunk.frames[-1].ts_s < chunk.end_s <= chunk.frames[-1].ts_s + 1 / sample_fps + 1e-6
         assert chunk.frames[-1].ts_s - chunk.start_s < 2.0
     assert [c.seq for c in cam.rec.chunks] == list(range(len(cam.rec.chunks)))
 
@@ -178,17 +178,16 @@ async def test_server_killed_and_restarted_mid_stream_resumes_and_records_the_ou
     )
 
 
-@pytest.mark.slow
 async def test_open_connection_without_frames_is_detected_as_stalled(rtsp_server_factory) -> None:
-    server = rtsp_server_factory("car-detection.mp4", stall_after_s=2.0)
-    settings = _settings(server.url, stall_timeout_s=1.0, read_timeout_s=30.0)  # the watchdog, not the socket
+    server = rtsp_server_factory("car-detection.mp4", stall_after_s=4.0)  # probing takes ~2 s of it
+    settings = _settings(server.url, stall_timeout_s=1.0, read_timeout_s=10.0)  # the watchdog, not the socket
     async with Running("frozen", settings) as cam:
         await wait_for(lambda: cam.worker.status().state == "connected", FIRST_FRAME_S, "the first frame")
         await wait_for(lambda: bool(cam.rec.outages), 8.0, "the stall to be detected")
         status = cam.worker.status()
     assert status.error is not None
     assert "stalled" in status.error
-    assert cam.rec.outages[0].reason.startswith("StalledError: stalled: no frame for 1.0 s")
+    assert cam.rec.outages[0].reason == "stalled: no frame for 1.0 s"
     assert status.reconnects >= 1
 
 
@@ -286,3 +285,33 @@ async def test_looping_lavfi_and_file_sources_act_as_live_cameras(tmp_path: Path
         assert began - 0.5 <= times[0]
         assert times[-1] <= time.time() + 0.5
         assert 2.0 * fps <= len(times) <= 3.5 * fps + 1, (cam.worker.name, len(times))
+
+
+async def test_a_slow_pipeline_drops_the_oldest_frames_and_counts_them() -> None:
+    settings = _settings(
+        "lavfi:testsrc2=size=64x36:rate=30", sample_fps=30.0, chunk_s=0.1, max_frames_per_chunk=1, frame_queue_size=4
+    )
+    rec = Recorder()
+    seen_at: list[float] = []
+
+    async def slow_chunk(chunk: Chunk) -> None:
+        seen_at.append(time.time())
+        await rec.on_chunk(chunk)
+        await asyncio.sleep(0.3)  # a pipeline ten times slower than the camera
+
+    worker = CameraWorker("busy", settings, tz=UTC, on_chunk=slow_chunk, on_state=rec.on_state)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    await asyncio.sleep(3.0)
+    status = worker.status()
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    # The decoder kept its pace (~90 frames in 3 s) while the pipeline took ~3 a second: the
+    # rest were dropped, not waited for.
+    assert status.frames_dropped >= 50
+    assert status.frames_dropped + len(rec.frame_times) >= 70
+    times = rec.frame_times
+    assert np.all(np.diff(times) > 0)
+    # Drop-oldest: what the pipeline gets is recent, never a backlog from the start.
+    lag = [at - t for at, t in zip(seen_at, times, strict=True)]
+    assert max(lag[3:]) < 4 / 30 + 0.3 + 0.5, lag

@@ -36,6 +36,15 @@ T0 = 1_763_600_000.0  # an arbitrary UTC epoch for the first frame
 PIXEL_CONFIG = CompressorConfig(tau_static=0.95, tau_segment=0.5)
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """The compressor's tensors are small: one thread is faster than two fighting on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @functools.cache
 def sample_frames(
     name: str, fps: float = 1.0, start_s: float = 0.0, stop_s: float = math.inf

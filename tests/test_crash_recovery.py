@@ -20,7 +20,7 @@ from memory.store import MemoryStore
 REPO = Path(__file__).resolve().parents[1]
 WRITER = REPO / "tests" / "crash_writer.py"
 DIM = 256
-PRELOAD_CHUNKS = 2000  # tests/crash_writer.py prints its first line after this many
+PRELOAD_CHUNKS = 500  # tests/crash_writer.py prints its first line after this many
 # Chunks written after the preload before the kill: several saves (every 4) have happened, and
 # the kill lands at an arbitrary point between or inside them.
 EXTRA_CHUNKS = 61

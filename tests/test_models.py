@@ -7,7 +7,9 @@ model's own pixel path on the same pixels: the logits must agree.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -74,6 +76,18 @@ def test_cli_make_tiny_writes_loadable_models(tmp_path):
     assert load_vlm(str(tmp_path / "vlm"), device="cpu").family == "llava_onevision"
     assert load_vlm(str(tmp_path / "qwen2_5_vl"), device="cpu").family == "qwen2_5_vl"
     assert load_embedder(str(tmp_path / "embedder"), device="cpu").dim > 0
+
+
+def test_chat_template_kept_with_the_processor_is_found(tiny_models: TinyModels, tmp_path):
+    # Some hub checkpoints (llava-hf) keep the template in chat_template.json, not the tokenizer.
+    copy = tmp_path / "vlm"
+    shutil.copytree(tiny_models.vlm, copy)
+    template = (copy / "chat_template.jinja").read_text()
+    (copy / "chat_template.jinja").unlink()
+    (copy / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    vlm = load_vlm(str(copy), device="cpu")
+    assert vlm.tokenizer.chat_template == template
+    assert vlm.prompt_ids([TextPart("hi")]).numel() > 0
 
 
 def test_unknown_hub_id_offline_names_the_id_and_the_fix():
@@ -223,8 +237,13 @@ def test_qwen_3d_positions_match_the_models_pixel_path(tiny_qwen, frames):
                 image_grid_thw=grid_thw,
                 mm_token_type_ids=(input_ids == pad).int(),
             ).logits[0, -1]
+        # That path left state on the model (rope_deltas); our generation must not depend on it.
+        assert vlm.model.model.rope_deltas is not None
+        torch.testing.assert_close(vlm.next_token_logits(parts), ours)
+        stale = list(vlm.generate_tokens(parts, max_new_tokens=4))
     finally:
         vlm.model.model.rope_deltas = None  # the pixel path caches it on the shared model
+    assert list(vlm.generate_tokens(parts, max_new_tokens=4)) == stale
     torch.testing.assert_close(ours, reference, atol=LOGIT_ATOL, rtol=0)
 
     # The same embeddings with plain 1-D positions give other logits: positions matter here.
@@ -240,7 +259,10 @@ def test_generate_stream_yields_text_and_stops_at_max_new_tokens(which, frames, 
     encoded = vlm.encode_frames(frames[:1])
     parts = [TextPart("[front_door] 10:00-10:08:\n"), full_part(encoded.tokens[0], encoded.grid)]
     parts.append(TextPart("\nQuestion: what happened?\nAnswer:"))
-    tokens = list(vlm.generate_tokens(parts, max_new_tokens=6))
+    tokens = []
+    for token in vlm.generate_tokens(parts, max_new_tokens=6):
+        assert not torch.is_inference_mode_enabled(), "generation must not leak its grad mode"
+        tokens.append(token)
     longer = list(vlm.generate_tokens(parts, max_new_tokens=9))
     assert len(tokens) == 6, "the seeded tiny model does not emit EOS this early"
     assert longer[:6] == tokens, "greedy decoding with a KV cache is deterministic"

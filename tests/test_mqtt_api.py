@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import shutil
 import signal
 import socket
@@ -27,7 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from retrieval.answer import Answer, Citation, Question
-from streamer.mqtt_api import MqttApi
+from streamer.mqtt_api import MqttApi, backoff_delays
 from streamer.settings import MqttSettings
 
 TZ = ZoneInfo("Europe/Berlin")
@@ -197,7 +198,7 @@ class PrivateBroker:
 
     async def start(self) -> None:
         # Popen only forks and execs; stop() needs the synchronous handle for its SIGTERM + wait.
-        self.proc = subprocess.Popen(  # noqa: ASYNC220
+        self.proc = subprocess.Popen(
             ["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         for _ in range(100):
@@ -224,6 +225,14 @@ async def private_broker(tmp_path: Path) -> AsyncIterator[PrivateBroker]:
 
 
 # --------------------------------------------------------------------------- requests
+
+
+def test_backoff_doubles_to_the_cap_with_jitter():
+    delays = backoff_delays(0.5, 4.0, random.Random(1))
+    got = [next(delays) for _ in range(8)]
+    nominal = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0, 4.0]
+    assert all(n * 0.5 <= d < n for d, n in zip(got, nominal, strict=True))
+    assert len(set(got[3:])) == 5  # jittered: no two capped delays alike
 
 
 async def test_v5_request_is_answered_on_response_topic_with_correlation(broker, prefix):
@@ -350,6 +359,21 @@ async def test_request_without_reply_address_is_counted_not_answered(broker, pre
     assert req.replies.empty()
 
 
+async def test_questions_asked_while_vigil_is_down_are_answered_after_restart(broker, prefix):
+    settings = settings_for(*broker, prefix)
+    async with running(MqttApi(settings, tz=TZ, cameras=CAMERAS, answer=echo_answer, session_expiry_s=30)):
+        pass  # the first run leaves a persistent session with the subscription
+    async with Requester(*broker, prefix) as req:
+        await req.ask({"question": "asked while down"}, correlation=b"down")
+        await asyncio.sleep(0.2)
+        assert req.replies.empty()
+        api = MqttApi(settings, tz=TZ, cameras=CAMERAS, answer=echo_answer, session_expiry_s=30)
+        async with running(api):
+            body, message = await req.reply()
+    assert message.properties.CorrelationData == b"down"
+    assert body["answer"] == "you asked: asked while down"
+
+
 # --------------------------------------------------------------------------- availability
 
 
@@ -369,7 +393,7 @@ async def test_online_and_states_are_retained_and_offline_after_clean_stop(broke
 SERVICE_SCRIPT = """
 import asyncio, sys
 from zoneinfo import ZoneInfo
-from streamer.mqtt_api import MqttApi
+from streamer.mqtt_api import MqttApi, backoff_delays
 from streamer.settings import MqttSettings
 
 async def answer(question, on_delta):

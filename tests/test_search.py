@@ -40,6 +40,7 @@ T0 = datetime(2026, 11, 20, 10, 0, 0, tzinfo=TZ).timestamp()
         ("Is the garage door open right now?", (None, None), True),
         ("what is happening currently", (T0, None), True),  # a now-word wins over a window
         ("Is anyone at the door?", (None, None), True),  # present tense, no window
+        ("Is the red car parked in the garage?", (None, None), True),  # "-ed" words are not the past
         ("Who was at the door?", (None, None), False),  # past tense
         ("Did a car arrive yesterday?", (None, None), False),
         ("Is anyone at the door?", (T0, T0 + 60), False),  # a window is not now

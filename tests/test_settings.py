@@ -113,9 +113,7 @@ def test_secrets_from_environment_and_credentials(tmp_path: Path) -> None:
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "mqtt_password").write_text("from-credential\n")
-    settings = load_settings(
-        None, environ={"CREDENTIALS_DIRECTORY": str(creds), "VIGIL_REDIS__PASSWORD": "from-env"}
-    )
+    settings = load_settings(None, environ={"CREDENTIALS_DIRECTORY": str(creds), "VIGIL_REDIS__PASSWORD": "from-env"})
     assert settings.mqtt.password is not None
     assert settings.mqtt.password.get_secret_value() == "from-credential"
     assert settings.redis.password is not None

@@ -26,9 +26,7 @@ CHUNK_S = 8.0
 
 
 def _meta(camera: str, start_s: float, span_s: float = CHUNK_S) -> ChunkMeta:
-    return ChunkMeta.create(
-        camera, start_s, start_s + span_s, n_frames=8, n_input_tokens=512, n_tokens=51, codec="t/1"
-    )
+    return ChunkMeta.create(camera, start_s, start_s + span_s, n_frames=8, n_input_tokens=512, n_tokens=51, codec="t/1")
 
 
 def _vec(seed: int) -> np.ndarray:
@@ -209,9 +207,9 @@ async def test_catch_up_adds_removes_and_matches_search(redis_client, prefix) ->
     assert await index.catch_up(store) == (8, 1)
     assert index.ids() == {m.chunk_id for m in metas}
     for i, meta in enumerate(metas):
-        assert index.search(_vec(i), 1, cameras={"front"}, after_s=meta.start_s, before_s=meta.end_s)[
-            0
-        ].chunk_id == (meta.chunk_id)
+        assert index.search(_vec(i), 1, cameras={"front"}, after_s=meta.start_s, before_s=meta.end_s)[0].chunk_id == (
+            meta.chunk_id
+        )
     assert await index.catch_up(store) == (0, 0)
 
 
@@ -238,9 +236,7 @@ class PrivateRedis:
     def start(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            pytest.fail(
-                "redis-server is not installed; install it with `bash scripts/setup.sh`", pytrace=False
-            )
+            pytest.fail("redis-server is not installed; install it with `bash scripts/setup.sh`", pytrace=False)
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL,
@@ -291,16 +287,16 @@ async def test_writes_buffered_while_redis_is_away_then_flushed(private_redis, p
         assert await store.flush_pending() == 0  # still away
         assert store.pending == 6
         private_redis.start()  # a fresh server: what was written before is gone, the buffer is not
-        assert await store.flush_pending() == 6
+        # A write Redis refuses for good (WRONGTYPE) is dropped without blocking the others.
+        poisoned = away[2]
+        await client.set(store.keys.chunk("front", poisoned.chunk_id), b"not a hash")
+        assert await store.flush_pending() == 5
         assert store.pending == 0
-        assert await store.chunks_in_range("front", None, None) == away
+        stored = await store.get_chunks([("front", m.chunk_id) for m in away])
+        assert [meta for meta, _ in stored] == [m for m in away if m != poisoned]
         assert [o.start_s for o in await store.outages(["front"])] == [T0 + 99]
-        assert (store.stats.written, store.stats.buffered, store.stats.retried, store.stats.dropped) == (
-            8,
-            6,
-            6,
-            0,
-        )
+        stats = store.stats
+        assert (stats.written, stats.buffered, stats.retried, stats.dropped) == (7, 6, 5, 1)
         assert len(first) == 2
     finally:
         await client.aclose()

@@ -7,14 +7,16 @@ the same ``load_vlm`` / ``load_embedder`` path that loads real checkpoints.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
 import pytest
 
-from retrieval.embedder import Embedder, load_embedder
-from retrieval.models import VisionLanguageModel, load_vlm
-from retrieval.tiny import TinyModels, make_tiny
+if TYPE_CHECKING:  # torch and transformers load only when a test asks for a model
+    from retrieval.embedder import Embedder
+    from retrieval.models import VisionLanguageModel
+    from retrieval.tiny import TinyModels
 
 CLIP = Path(__file__).resolve().parent.parent / "data" / "car-detection.mp4"
 
@@ -34,22 +36,30 @@ def clip_frames(count: int, step: int = 15) -> np.ndarray:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     """Directories of the tiny LLaVA-OneVision, Qwen2.5-VL and SigLIP models."""
+    from retrieval.tiny import make_tiny
+
     return make_tiny(tmp_path_factory.mktemp("tiny-models"))
 
 
 @pytest.fixture(scope="session")
 def tiny_vlm(tiny_models: TinyModels) -> VisionLanguageModel:
     """The tiny LLaVA-OneVision, loaded on CPU in float32."""
+    from retrieval.models import load_vlm
+
     return load_vlm(str(tiny_models.vlm), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen(tiny_models: TinyModels) -> VisionLanguageModel:
     """The tiny Qwen2.5-VL, loaded on CPU in float32."""
+    from retrieval.models import load_vlm
+
     return load_vlm(str(tiny_models.qwen2_5_vl), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")
 def tiny_embedder(tiny_models: TinyModels) -> Embedder:
     """The tiny SigLIP embedder, loaded on CPU in float32."""
+    from retrieval.embedder import load_embedder
+
     return load_embedder(str(tiny_models.embedder), device="cpu", dtype="float32")
