@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
@@ -68,6 +69,9 @@ class CompressorConfig:
         beta: minimum weight of a centre in its merged token (FastVID and HoliTom: 0.6), so a
             centre absorbing many tokens stays recognisable.
         summary_token: emit the per-chunk summary token (counts towards the budget).
+        context_selection: how context centres are chosen. "dpc": density peaks (FastVID's DTM,
+            HoliTom); "maxmin": greedy max-min diversity seeded with the salient tokens
+            (DivPrune), which raises the worst-case coverage a little (docs/compression.md).
     """
 
     keep_ratio: float = 0.10
@@ -80,6 +84,7 @@ class CompressorConfig:
     dpc_k: int = 5
     beta: float = 0.6
     summary_token: bool = True
+    context_selection: Literal["dpc", "maxmin"] = "dpc"
 
     def __post_init__(self) -> None:
         for name in ("keep_ratio", "expected_change", "max_ratio", "salient_share", "beta"):
@@ -182,6 +187,43 @@ def dpc_knn(x: Tensor, m: int, k: int) -> Tensor:
     delta = torch.where(torch.isinf(delta), dist.max(), delta)  # the densest point
     score = rho * delta  # [n]
     return torch.argsort(-score, stable=True)[:m]
+
+
+def max_min_diverse(x: Tensor, m: int, seeds: Tensor | None = None) -> Tensor:
+    """Greedy max-min diverse selection (DivPrune; Gonzalez's k-centre heuristic).
+
+    Each pick is the point least covered by everything picked so far (and by `seeds`), which
+    directly bounds the worst coverage: a 2-approximation of the best k-centre radius.
+
+    Args:
+        x: [n, C] L2-normalised features.
+        m: points to pick, 1 <= m <= n.
+        seeds: [s, C] L2-normalised features already kept (e.g. salient tokens), or None.
+
+    Returns:
+        [m] int64 indices into x, in pick order. Deterministic (ties go to the lowest index).
+    """
+    n = x.shape[0]
+    if not 1 <= m <= n:
+        raise ValueError(f"max_min_diverse needs 1 <= m <= n, got m={m}, n={n}")
+    if seeds is not None and seeds.shape[0] > 0:
+        covered = (x @ seeds.T).max(dim=1).values  # [n] best cosine to what is kept
+    else:
+        # Nothing kept yet: start from the point closest to the mean (the most typical one).
+        covered = torch.full((n,), -math.inf)
+        centre = F.normalize(x.mean(dim=0), dim=0)
+        covered[int(torch.argmax(x @ centre))] = math.inf
+    picks = torch.empty(m, dtype=torch.int64)
+    for i in range(m):
+        pick = (
+            int(torch.argmin(covered))
+            if i or (seeds is not None and seeds.shape[0] > 0)
+            else int(torch.argmax(covered))
+        )
+        picks[i] = pick
+        covered = torch.maximum(covered, x @ x[pick])
+        covered[pick] = math.inf
+    return picks
 
 
 def chunk_budget(n_input: int, n_new: int, n_carried: int, n_segments: int, *, config: CompressorConfig) -> int:
@@ -334,7 +376,11 @@ def _plan_segment(
     kind[salient] = TokenKind.SALIENT
     rest = idx[~torch.isin(idx, salient)]  # [n] runs left for the context tokens
     xn = F.normalize(runs.feat[rest], dim=-1)  # [n, C]
-    centres = dpc_knn(xn, slots - n_salient, config.dpc_k)  # [m] positions in rest
+    if config.context_selection == "dpc":
+        centres = dpc_knn(xn, slots - n_salient, config.dpc_k)  # [m] positions in rest
+    else:
+        seeds = F.normalize(runs.feat[salient], dim=-1)  # [s, C]
+        centres = max_min_diverse(xn, slots - n_salient, seeds)  # [m] positions in rest
     assign = torch.argmax(xn @ xn[centres].T, dim=1)  # [n] nearest centre by cosine
     assign[centres] = torch.arange(centres.numel())  # a centre owns itself even on ties
     owner[rest] = rest[centres][assign]

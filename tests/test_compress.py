@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memory.baselines import random_keep, uniform_pool
-from memory.compress import CompressorConfig, CompressorState, compress_chunk, dpc_knn
+from memory.compress import CompressorConfig, CompressorState, compress_chunk, dpc_knn, max_min_diverse
 from memory.types import CompressedChunk, TokenKind
 
 DATA = Path(__file__).parent / "data"
@@ -100,9 +100,7 @@ def run_stream(
         yield i, out, state
 
 
-def check_invariants(
-    out: CompressedChunk, t_start: torch.Tensor, t_end: torch.Tensor, weight: torch.Tensor
-) -> None:
+def check_invariants(out: CompressedChunk, t_start: torch.Tensor, t_end: torch.Tensor, weight: torch.Tensor) -> None:
     n = GRID[0] * GRID[1] if out.grid == GRID else out.grid[0] * out.grid[1]
     assert int(out.count.sum()) == n * int(weight.sum())
     assert bool((out.t_first <= out.t_last).all())
@@ -148,12 +146,8 @@ def test_invariants_on_random_chunks(data, keep_ratio):
     again, _ = compress_chunk(tokens, glob, t_start, t_end, weight, grid=grid, config=config)
     assert torch.equal(out.tokens, again.tokens)
     assert torch.equal(out.count, again.count)
-    nxt = compress_chunk(
-        tokens, glob, t_start + 100, t_end + 100, weight, grid=grid, state=state, config=config
-    )[0]
-    nxt2 = compress_chunk(
-        tokens, glob, t_start + 100, t_end + 100, weight, grid=grid, state=state, config=config
-    )[0]
+    nxt = compress_chunk(tokens, glob, t_start + 100, t_end + 100, weight, grid=grid, state=state, config=config)[0]
+    nxt2 = compress_chunk(tokens, glob, t_start + 100, t_end + 100, weight, grid=grid, state=state, config=config)[0]
     assert torch.equal(nxt.tokens, nxt2.tokens)
     assert torch.equal(nxt.t_first, nxt2.t_first)
     assert int(nxt.count.sum()) == int(out.count.sum())
@@ -185,6 +179,39 @@ def test_dpc_knn_picks_one_centre_per_cluster():
     picks = dpc_knn(F.normalize(x, dim=-1), 3, k=5)
     labels = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
     assert sorted(labels[picks].tolist()) == [0, 1, 2]
+
+
+def test_max_min_diverse_covers_every_cluster_and_agrees_with_a_naive_loop():
+    g = torch.Generator().manual_seed(2)
+    centres = F.normalize(torch.randn(4, 16, generator=g), dim=-1) * 10
+    sizes = [30, 10, 3, 1]  # a tiny cluster and a lone outlier must still be picked
+    x = F.normalize(
+        torch.cat([c + 0.3 * torch.randn(s, 16, generator=g) for c, s in zip(centres, sizes, strict=True)]), dim=-1
+    )
+    labels = torch.repeat_interleave(torch.arange(4), torch.tensor(sizes))
+    picks = max_min_diverse(x, 4)
+    assert sorted(labels[picks].tolist()) == [0, 1, 2, 3]
+    # Naive reference: each pick is the point whose best cosine to the picks so far is lowest.
+    seeds = x[:2]
+    fast = max_min_diverse(x[2:], 5, seeds)
+    chosen = list(seeds)
+    naive = []
+    for _ in range(5):
+        best = torch.stack([torch.stack([xi @ c for c in chosen]).max() for xi in x[2:]])
+        best[naive] = math.inf
+        naive.append(int(torch.argmin(best)))
+        chosen.append(x[2 + naive[-1]])
+    assert fast.tolist() == naive
+
+
+def test_maxmin_context_selection_keeps_the_invariants():
+    images, times = sample_frames("one-by-one-person-detection.mp4", stop_s=32.0)
+    tokens, glob = pixel_features(images)
+    config = CompressorConfig(tau_static=0.95, tau_segment=0.5, context_selection="maxmin")
+    t_start, t_end, weight = spans(times, 1.0)
+    for i, out, _ in run_stream(tokens, glob, times=times, chunk=8, config=config):
+        check_invariants(out, t_start[i : i + 8], t_end[i : i + 8], weight[i : i + 8])
+        assert out.n_tokens <= math.floor(config.max_ratio * out.n_input)
 
 
 def test_static_chunks_keep_fewer_tokens_than_busy_ones():
@@ -273,9 +300,7 @@ def test_baselines_respect_budget_and_provenance():
             tokens, t_start, t_end, weight, GRID, budget=budget, generator=torch.Generator().manual_seed(3)
         )
         assert torch.equal(picked.tokens, again.tokens)
-    other = random_keep(
-        tokens, t_start, t_end, weight, GRID, budget=20, generator=torch.Generator().manual_seed(4)
-    )
+    other = random_keep(tokens, t_start, t_end, weight, GRID, budget=20, generator=torch.Generator().manual_seed(4))
     assert not torch.equal(picked.tokens, other.tokens)
     with pytest.raises(ValueError, match="budget must be >= 1"):
         uniform_pool(tokens, t_start, t_end, weight, GRID, budget=0)
