@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from memory.baselines import random_keep, uniform_pool  # noqa: E402
-from memory.codec import encode_chunk  # noqa: E402
+from memory.codec import decode_chunk, encode_chunk  # noqa: E402
 from memory.compress import CompressorConfig, CompressorState, compress_chunk  # noqa: E402
 from memory.skip import plan_skips, thumbnail  # noqa: E402
 from memory.types import CompressedChunk  # noqa: E402
@@ -62,6 +62,7 @@ NEEDLE_CHUNK, NEEDLE_FRAMES, NEEDLE_CELL = 1, (3, 4), (6, 4)
 METHODS = ("vigil", "uniform", "random")
 LLAVA_OV_DIM = 896  # LLaVA-OV-0.5B's LLM width: the token size bytes per camera-hour is judged at
 FP16_BYTES = 2
+INT8_SCALE_BYTES = 4  # memory.codec's int8 stores one fp32 scale per channel
 
 # Thresholds per feature space (docs/compression.md says how each was calibrated).
 CONFIGS: dict[str, CompressorConfig] = {
@@ -204,9 +205,12 @@ class MethodStats:
     payload_bytes: int = 0
     payload_int8_bytes: int = 0
     payload_896_bytes: int = 0  # fp16 payload had the tokens LLaVA-OV-0.5B's 896 dims
+    payload_896_int8_bytes: int = 0  # the same as int8 (one byte per value, one fp32 scale per channel)
     start_896_bytes: int = 0  # of that, the first chunk of each clip (a stream start)
     coverage: list[torch.Tensor] = field(default_factory=list)
     coverage_centred: list[torch.Tensor] = field(default_factory=list)
+    coverage_int8: list[torch.Tensor] = field(default_factory=list)  # against the int8 round trip
+    int8_error: list[torch.Tensor] = field(default_factory=list)  # [M] relative L2 error per token
     ms: list[float] = field(default_factory=list)
     needle_cells: int = 0
     needle_found: int = 0
@@ -286,6 +290,7 @@ def run_clip(
     last_encoded: int | None = None
     state: CompressorState | None = None
     found_cuts: list[float] = []
+    clip_out: dict[str, int] = {}  # method -> tokens kept over this clip
     for k, i in enumerate(range(0, len(images), CHUNK_FRAMES)):
         chunk_thumbs = thumbs[i : i + CHUNK_FRAMES]
         saved = (state, reference, last_encoded)
@@ -322,10 +327,19 @@ def run_clip(
             stats.tokens_out += chunk.n_tokens
             fp16 = len(encode_chunk(chunk, "fp16"))
             stats.payload_bytes += fp16
-            stats.payload_int8_bytes += len(encode_chunk(chunk, "int8"))
             at_896 = fp16 + chunk.n_tokens * (LLAVA_OV_DIM - chunk.tokens.shape[1]) * FP16_BYTES
             stats.payload_896_bytes += at_896
             stats.start_896_bytes += at_896 if k == 0 else 0
+            int8_payload = encode_chunk(chunk, "int8")
+            int8 = len(int8_payload)
+            stats.payload_int8_bytes += int8
+            restored = decode_chunk(int8_payload).tokens.float()  # [M, C]
+            stats.coverage_int8.append(coverage(flat, restored))
+            original = chunk.tokens.float()
+            stats.int8_error.append((restored - original).norm(dim=1) / original.norm(dim=1).clamp_min(1e-12))
+            extra_dims = LLAVA_OV_DIM - chunk.tokens.shape[1]
+            stats.payload_896_int8_bytes += int8 + (chunk.n_tokens + INT8_SCALE_BYTES) * extra_dims
+            clip_out[name] = clip_out.get(name, 0) + chunk.n_tokens
             stats.coverage.append(coverage(flat, chunk.tokens))
             # Random towers give anisotropic features (any two tokens have cosine ~0.9), which
             # saturates plain coverage; subtracting the chunk's mean token shows the differences.
@@ -352,7 +366,10 @@ def run_clip(
                 hits = [c for c in SCENE_CUTS_S if any(abs(c - f) <= CUT_TOLERANCE_S for f in found_cuts)]
                 stats.cuts_found += len(hits)
                 stats.false_cuts += sum(all(abs(c - f) > CUT_TOLERANCE_S for c in SCENE_CUTS_S) for f in found_cuts)
-    print(f"  {path.name}: {len(images)} frames, cuts at {found_cuts}", flush=True)
+    share = clip_out["vigil"] / (len(images) * GRID[0] * GRID[1])
+    print(
+        f"  {path.name}: {len(images)} frames, {share:.1%} of sampled tokens kept, cuts at {found_cuts}", flush=True
+    )
 
 
 def needle_trial(
@@ -423,9 +440,14 @@ def summarise(totals: Totals, hours: float) -> dict[str, dict[str, float | None]
             "kept_ratio": s.tokens_out / s.tokens_in,
             "coverage_mean": float(cov.mean()),
             "coverage_p5": float(torch.quantile(cov, 0.05)),
+            "coverage_int8_mean": float(torch.cat(s.coverage_int8).mean()),
+            "coverage_int8_p5": float(torch.quantile(torch.cat(s.coverage_int8), 0.05)),
+            "int8_relative_error_mean": float(torch.cat(s.int8_error).mean()),
             "needle_survival": s.needle_found / s.needle_cells if s.needle_cells else None,
             "scene_cut_recall": s.cuts_found / s.cuts_expected if s.cuts_expected else None,
             "bytes_per_camera_hour": s.payload_bytes / hours,
+            "bytes_per_camera_hour_896_fp16": s.payload_896_bytes / hours,
+            "bytes_per_camera_hour_896_int8": s.payload_896_int8_bytes / hours,
             "ms_per_chunk": statistics.fmean(s.ms),
         }
     return out
@@ -454,8 +476,16 @@ def main(argv: list[str] | None = None) -> int:
     config = CONFIGS[args.encoder]
     for item in args.set:
         key, _, value = item.partition("=")
-        kind = type(getattr(config, key))
-        config = dataclasses.replace(config, **{key: value.lower() == "true" if kind is bool else kind(value)})
+        current = getattr(config, key)
+        if value.lower() == "none":
+            parsed: object = None
+        elif isinstance(current, bool):
+            parsed = value.lower() == "true"
+        elif current is None or isinstance(current, float):
+            parsed = float(value)
+        else:
+            parsed = type(current)(value)
+        config = dataclasses.replace(config, **{key: parsed})
     totals = Totals()
     print(
         f"encoder {encoder.name}, {max_frames or 'all'} frames per clip at {SAMPLE_FPS:g} fps, chunks of {CHUNK_FRAMES}"
@@ -487,7 +517,15 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  {name:<8} {s.payload_bytes / hours / 1e6:8.2f} {s.payload_int8_bytes / hours / 1e6:8.2f} "
             f"{s.payload_896_bytes / hours / 1e6:8.2f} "
-            f"{(s.payload_896_bytes - s.start_896_bytes) / steady_hours / 1e6:8.2f}"
+            f"{(s.payload_896_bytes - s.start_896_bytes) / steady_hours / 1e6:8.2f} "
+            f"{s.payload_896_int8_bytes / hours / 1e6:8.2f}"
+        )
+    print("\nint8 round trip: coverage mean / 5th percentile; relative L2 error per token mean / max")
+    for name, s in totals.methods.items():
+        cov, err = torch.cat(s.coverage_int8), torch.cat(s.int8_error)
+        print(
+            f"  {name:<8} {float(cov.mean()):8.3f} {float(torch.quantile(cov, 0.05)):8.3f} "
+            f"{float(err.mean()):8.4f} {float(err.max()):8.4f}"
         )
     print("\ncoverage after subtracting each chunk's mean token: mean / 5th percentile")
     for name, s in totals.methods.items():

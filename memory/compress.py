@@ -16,8 +16,9 @@ a published training-free method (docs/compression.md has the details and number
    (as a STATIC candidate starting at frame 0), so every chunk is self-contained and retention
    can delete old chunks independently.
 3. Adaptive budget: changed tokens (new runs) buy `keep_ratio / expected_change` slots each,
-   unchanged carried runs `static_keep` each, capped at `max_ratio` of the input, so a static
-   scene keeps few tokens and a busy one keeps more.
+   unchanged carried runs `static_keep` each, capped at `keep_ratio` of the input by default
+   (`max_ratio` may raise the cap), so the budget only adapts downward: a static scene keeps few
+   tokens and a busy one at most `keep_ratio`.
 4. Per segment, the budget is split between SALIENT tokens (the most novel new runs, kept
    verbatim) and CONTEXT tokens: density-peak centres (DPC-kNN) of the remaining runs, each
    absorbing the runs most similar to it by a size-weighted blend (FastVID's STPrune: ATS + DTM;
@@ -57,8 +58,10 @@ class CompressorConfig:
         static_keep: slots per unchanged run carried in from the previous chunk. 0.05 keeps about
             10 tokens of a fully static 196-token grid per chunk: enough to describe the
             background, small enough for a static camera to cost little.
-        max_ratio: cap on the kept share for fully dynamic content (the highest ratio in the
-            published tables, 25%).
+        max_ratio: cap on the kept share of a busy chunk. None (default) caps at `keep_ratio`,
+            so the budget adapts only downward and `keep_ratio` is a guarantee, not an average
+            (storage planning needs the bound; docs/compression.md). A value above `keep_ratio`
+            lets busy chunks keep more (up to 25% is published), at a higher storage cost.
         tau_static: cosine to the run head above which a token is absorbed as unchanged. 0.9 is
             for LLaVA-OV's projected features (HoliTom uses 0.65-0.8 between adjacent frames;
             comparing with the head needs a stricter value). Calibrate: docs/compression.md.
@@ -77,7 +80,7 @@ class CompressorConfig:
     keep_ratio: float = 0.10
     expected_change: float = 0.25
     static_keep: float = 0.05
-    max_ratio: float = 0.25
+    max_ratio: float | None = None
     tau_static: float = 0.90
     tau_segment: float = 0.90
     salient_share: float = 0.6
@@ -89,8 +92,12 @@ class CompressorConfig:
     def __post_init__(self) -> None:
         for name in ("keep_ratio", "expected_change", "max_ratio", "salient_share", "beta"):
             value = getattr(self, name)
+            if value is None and name == "max_ratio":
+                continue
             if not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
+        if self.max_ratio is not None and self.max_ratio < self.keep_ratio:
+            raise ValueError(f"max_ratio ({self.max_ratio}) must be >= keep_ratio ({self.keep_ratio}) or None")
         if not 0 <= self.static_keep <= 1:
             raise ValueError(f"static_keep must be in [0, 1], got {self.static_keep}")
         for name in ("tau_static", "tau_segment"):
@@ -99,6 +106,11 @@ class CompressorConfig:
                 raise ValueError(f"{name} is a cosine and must be in [-1, 1], got {value}")
         if self.dpc_k < 1:
             raise ValueError(f"dpc_k must be >= 1, got {self.dpc_k}")
+
+    @property
+    def cap_ratio(self) -> float:
+        """Largest share of a chunk's input tokens kept (before the one-per-segment floor)."""
+        return self.keep_ratio if self.max_ratio is None else self.max_ratio
 
     @property
     def new_run_keep(self) -> float:
@@ -230,13 +242,14 @@ def chunk_budget(n_input: int, n_new: int, n_carried: int, n_segments: int, *, c
     """Memory tokens a chunk may keep (summary token included).
 
     Changed content buys `config.new_run_keep` slots per new run, unchanged carried runs
-    `config.static_keep` each; the result is capped at `max_ratio * n_input` and never below one
-    token per segment (plus the summary), so no scene is left without a token.
+    `config.static_keep` each; the result is capped at `config.cap_ratio * n_input` (the summary
+    included) and never below one token per segment (plus the summary), so no scene is left
+    without a token.
     """
     extra = 1 if config.summary_token else 0
     floor = n_segments + extra
     raw = math.ceil(config.new_run_keep * n_new) + math.ceil(config.static_keep * n_carried) + extra
-    cap = max(floor, math.floor(config.max_ratio * n_input))
+    cap = max(floor, math.floor(config.cap_ratio * n_input))
     return max(floor, min(raw, cap))
 
 

@@ -21,6 +21,8 @@ from zoneinfo import ZoneInfo
 import torch
 from torch import Tensor
 
+from retrieval.search import OutageLike
+
 if TYPE_CHECKING:
     from memory.types import CompressedChunk
     from retrieval.models import PromptPart
@@ -37,19 +39,6 @@ class PromptChunk(Protocol):
     def end_s(self) -> float: ...
     @property
     def chunk(self) -> CompressedChunk: ...
-
-
-class PromptOutage(Protocol):
-    """An offline range of a camera (``retrieval.search.OfflineRange``)."""
-
-    @property
-    def camera(self) -> str: ...
-    @property
-    def start_s(self) -> float: ...
-    @property
-    def end_s(self) -> float | None: ...
-    @property
-    def reason(self) -> str: ...
 
 
 PREAMBLE = (
@@ -100,7 +89,7 @@ def token_order(frame: Tensor, row: Tensor, col: Tensor) -> Tensor:
 def build_prompt(
     question: str,
     chunks: Sequence[PromptChunk],
-    outages: Sequence[PromptOutage],
+    outages: Sequence[OutageLike],
     *,
     tz: ZoneInfo,
 ) -> list[PromptPart]:

@@ -150,11 +150,18 @@ class Pipeline:
         weight = np.array([b - a + 1 for a, b in zip(first, last, strict=True)], dtype=np.int64)
         t_start = torch.from_numpy(t_start_all[list(first)])  # [T', ] float64
         t_end = torch.from_numpy(t_end_all[list(last)])
-        compressed = self._compress(
-            mem, tokens=tokens, global_feats=global_feats, t_start=t_start, t_end=t_end, weight=torch.from_numpy(weight)
+        # Compression and serialisation are pure CPU work (tens of ms per chunk with real token
+        # shapes): off the event loop, so MQTT and the other cameras never wait on them. Chunks of
+        # one camera are ingested one at a time, so its state is never touched concurrently.
+        compressed, payload = await asyncio.to_thread(
+            self._compress,
+            mem,
+            tokens=tokens,
+            global_feats=global_feats,
+            t_start=t_start,
+            t_end=t_end,
+            weight=torch.from_numpy(weight),
         )
-
-        payload = encode_chunk(compressed, self._compression.codec)
         vector = chunk_vector(embeddings, weight)
         meta = ChunkMeta.create(
             chunk.camera,
@@ -234,20 +241,23 @@ class Pipeline:
         t_start: torch.Tensor,
         t_end: torch.Tensor,
         weight: torch.Tensor,
-    ) -> CompressedChunk:
+    ) -> tuple[CompressedChunk, bytes]:
+        """tokens [T', N, C], global_feats [T', G], t_start/t_end [T'] float64, weight [T'] →
+        (compressed chunk, its codec payload)."""
         assert mem.grid is not None  # set by the first encoded frame of this camera
         grid = mem.grid
         method = self._compression.method
+        n_input = tokens.shape[1] * int(weight.sum())
+        budget = max(1, round(self._compression.keep_ratio * n_input))
         if method == "vigil":
             compressed, mem.compressor = compress_chunk(
                 tokens, global_feats, t_start, t_end, weight, grid=grid, state=mem.compressor, config=self._config
             )
-            return compressed
-        n_input = tokens.shape[1] * int(weight.sum())
-        budget = max(1, round(self._compression.keep_ratio * n_input))
-        if method == "uniform":
-            return uniform_pool(tokens, t_start, t_end, weight, grid, budget=budget)
-        return random_keep(tokens, t_start, t_end, weight, grid, budget=budget, generator=mem.random)
+        elif method == "uniform":
+            compressed = uniform_pool(tokens, t_start, t_end, weight, grid, budget=budget)
+        else:
+            compressed = random_keep(tokens, t_start, t_end, weight, grid, budget=budget, generator=mem.random)
+        return compressed, encode_chunk(compressed, self._compression.codec)
 
     async def close(self) -> None:
         """Retry what is buffered once more, then save the index."""

@@ -7,29 +7,22 @@ starts it. Fixture modules of each area live in tests/plugins/.
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.plugins.net import accepts
+
 # Nothing in the tests may reach the network: tiny models are built locally and loaded offline.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-pytest_plugins = ["tests.plugins.rtsp", "tests.plugins.models"]
+pytest_plugins = ["tests.plugins.brokers", "tests.plugins.rtsp", "tests.plugins.models"]
 
 REDIS_URL = os.environ.get("VIGIL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 MQTT_HOST = os.environ.get("VIGIL_TEST_MQTT_HOST", "127.0.0.1")
 MQTT_PORT = int(os.environ.get("VIGIL_TEST_MQTT_PORT", "1883"))
-
-
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -40,7 +33,7 @@ def prefix() -> str:
 
 @pytest.fixture
 def redis_url() -> str:
-    if not _port_open("127.0.0.1", 6379) and REDIS_URL.startswith("redis://127.0.0.1"):
+    if not accepts(6379) and REDIS_URL.startswith("redis://127.0.0.1"):
         pytest.fail(
             "Redis is not listening on 127.0.0.1:6379. Start it with `bash scripts/setup.sh` or "
             "`redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no`",
@@ -71,7 +64,7 @@ async def redis_client(redis_url: str, prefix: str) -> AsyncIterator[object]:
 @pytest.fixture
 def mqtt_broker() -> tuple[str, int]:
     """(host, port) of a running Mosquitto broker."""
-    if not _port_open(MQTT_HOST, MQTT_PORT):
+    if not accepts(MQTT_PORT, MQTT_HOST):
         pytest.fail(
             f"No MQTT broker on {MQTT_HOST}:{MQTT_PORT}. Start one with `bash scripts/setup.sh` or "
             "`mosquitto -d -c configs/mosquitto.conf`",

@@ -6,19 +6,10 @@ import asyncio
 import io
 import json
 
-import pytest
-
 from streamer.cli import build_parser
 from streamer.client import ask, cli_ask, status
 from streamer.mqtt_api import MqttApi
-from tests.test_mqtt_api import CAMERAS, TZ, clear_retained, echo_answer, running, settings_for
-
-
-@pytest.fixture
-async def broker(mqtt_broker, prefix):
-    """The shared broker; this test's retained topics are cleared afterwards."""
-    yield mqtt_broker
-    await clear_retained(*mqtt_broker, prefix)
+from tests.test_mqtt_api import CAMERAS, TZ, echo_answer, running, settings_for
 
 
 def write_config(tmp_path, host, port, prefix):

@@ -136,7 +136,7 @@ def test_invariants_on_random_chunks(data, keep_ratio):
     n_input = tokens.shape[0] * tokens.shape[1]
     assert out.n_input == n_input
     n_segments = int(out.segment.max()) + 1
-    assert out.n_tokens <= max(n_segments + 1, math.floor(config.max_ratio * n_input))
+    assert out.n_tokens <= max(n_segments + 1, math.floor(config.keep_ratio * n_input))
     assert int(out.count.sum()) == n_input // tokens.shape[0] * int(weight.sum())
     assert bool((out.t_first <= out.t_last).all())
     for a, b in zip(t_start.tolist(), t_end.tolist(), strict=True):
@@ -151,6 +151,24 @@ def test_invariants_on_random_chunks(data, keep_ratio):
     assert torch.equal(nxt.tokens, nxt2.tokens)
     assert torch.equal(nxt.t_first, nxt2.t_first)
     assert int(nxt.count.sum()) == int(out.count.sum())
+
+
+def test_budget_adapts_only_downward_from_keep_ratio_by_default():
+    # Independent noise frames: every token is a new run, which would buy 0.4 slots each.
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randn(8, 196, 16, generator=g)  # [T, N, C]
+    t_start = torch.arange(8, dtype=torch.float64) + T0
+    weight = torch.ones(8, dtype=torch.int64)
+    args = (tokens, tokens.mean(1), t_start, t_start + 1.0, weight)
+    n_input = 8 * 196
+    capped, _ = compress_chunk(*args, grid=(14, 14), config=CompressorConfig(keep_ratio=0.1, tau_segment=-1.0))
+    assert capped.n_tokens == math.floor(0.1 * n_input)  # busy: exactly at the cap, not above
+    raised, _ = compress_chunk(
+        *args, grid=(14, 14), config=CompressorConfig(keep_ratio=0.1, max_ratio=0.25, tau_segment=-1.0)
+    )
+    assert capped.n_tokens < raised.n_tokens <= math.floor(0.25 * n_input)
+    with pytest.raises(ValueError, match="max_ratio"):
+        CompressorConfig(keep_ratio=0.1, max_ratio=0.05)
 
 
 def test_shape_errors_name_sizes():
@@ -211,7 +229,7 @@ def test_maxmin_context_selection_keeps_the_invariants():
     t_start, t_end, weight = spans(times, 1.0)
     for i, out, _ in run_stream(tokens, glob, times=times, chunk=8, config=config):
         check_invariants(out, t_start[i : i + 8], t_end[i : i + 8], weight[i : i + 8])
-        assert out.n_tokens <= math.floor(config.max_ratio * out.n_input)
+        assert out.n_tokens <= math.floor(config.keep_ratio * out.n_input)
 
 
 def test_static_chunks_keep_fewer_tokens_than_busy_ones():

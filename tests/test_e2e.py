@@ -12,7 +12,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,7 +35,8 @@ from retrieval.tiny import TinyModels
 from streamer.daemon import run_daemon
 from streamer.pipeline import index_path_for
 from streamer.settings import Settings
-from tests.plugins.rtsp import RtspServer, free_port
+from tests.plugins.brokers import PrivateBroker
+from tests.plugins.rtsp import RtspServer
 
 pytestmark = pytest.mark.slow
 
@@ -248,46 +248,19 @@ async def test_sigterm_stores_every_sampled_chunk(
         await client.aclose()
 
 
-@contextlib.contextmanager
-def private_broker(tmp_path: Path, port: int) -> Any:
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n")
-    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not _accepts(port):
-            assert time.monotonic() < deadline, "private mosquitto did not start"
-            time.sleep(0.05)
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
 async def test_questions_work_again_after_a_broker_restart(
-    prefix: str, tmp_path: Path, tiny_models: TinyModels, redis_url: str
+    prefix: str, tmp_path: Path, tiny_models: TinyModels, redis_url: str, private_broker: PrivateBroker
 ) -> None:
-    port = free_port()
-    broker = ("127.0.0.1", port)
+    broker = ("127.0.0.1", private_broker.port)
     settings = Settings.model_validate(daemon_config(prefix, tmp_path, tiny_models, broker, {}))
-    with contextlib.ExitStack() as brokers:
-        brokers.enter_context(private_broker(tmp_path, port))
-        async with running_daemon(settings):
-            [before] = await _ask_when_up(broker, prefix)
-            assert "answer" in before
-            brokers.close()  # the broker dies under the running daemon
-            await asyncio.sleep(1.0)
-            brokers.enter_context(private_broker(tmp_path, port))
-            [after] = await _ask_when_up(broker, prefix)
-            assert "answer" in after, after
+    async with running_daemon(settings):
+        [before] = await _ask_when_up(broker, prefix)
+        assert "answer" in before
+        private_broker.stop()  # the broker goes away under the running daemon
+        await asyncio.sleep(1.0)
+        await private_broker.start()
+        [after] = await _ask_when_up(broker, prefix)
+        assert "answer" in after, after
 
 
 async def _ask_when_up(broker: tuple[str, int], prefix: str) -> list[dict[str, Any]]:

@@ -7,7 +7,6 @@ is killed at teardown.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.plugins.net import accepts, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_SCRIPT = ROOT / "scripts" / "rtsp_server.py"
@@ -24,21 +25,6 @@ SETUP_HINT = "run `bash scripts/setup.sh` (installs gir1.2-gst-rtsp-server-1.0 a
 # Starting GStreamer and binding takes well under a second; allow for a loaded 2-core machine.
 START_TIMEOUT_S = 15.0
 POLL_S = 0.05
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass
@@ -66,7 +52,7 @@ class RtspServer:
             cmd += ["--stall-after", str(self.stall_after_s)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not _accepts(self.port):
+        while not accepts(self.port):
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
                 pytest.fail(f"RTSP server exited with {self.proc.returncode}: {err.strip()[-500:]}", pytrace=False)
