@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     steady_hours = (totals.sampled_frames - totals.start_frames) / SAMPLE_FPS / 3600.0
     print(
         "\nbytes per camera-hour (MB): fp16 / int8 at this encoder's width; fp16 at 896 dims; "
-        "the same without each clip's first chunk (a stream start)"
+        "the same without each clip's first chunk (a stream start); int8 at 896 dims"
     )
     for name, s in totals.methods.items():
         print(

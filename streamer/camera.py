@@ -305,6 +305,10 @@ class CameraWorker:
                         return item
                 if stop.is_set():
                     session.abort.set()
+                    # Frames sampled before the stop are kept: they belong to the last chunk.
+                    for item in session.inbox.drain():
+                        if isinstance(item, Frame):
+                            await self._on_frame(session, item)
                     return _Ended(None)
                 stalled = self._stalled(session)
                 if stalled is not None:
