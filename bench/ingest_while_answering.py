@@ -118,23 +118,27 @@ class Generation:
     prompt_tokens: int = 0
     answers: int = 0
     forwards: int = 0  # prefills + decode steps (one forward each)
-    first_token_s: float | None = None
+    prefill_s: float | None = None  # start → end of the first prefill (the first token's cost)
     seconds: float = 0.0
 
 
 def generate_for(vlm: VisionLanguageModel, parts: list[PromptPart], seconds: float, out: Generation) -> None:
     """Answer the prompt again and again for ``seconds`` (runs on the generation thread)."""
-    counter = vlm.model.get_decoder().register_forward_hook(lambda *_: setattr(out, "forwards", out.forwards + 1))
     started = time.monotonic()
     deadline = started + seconds
+
+    def count(*_: object) -> None:
+        out.forwards += 1
+        if out.prefill_s is None:
+            out.prefill_s = time.monotonic() - started
+
+    counter = vlm.model.get_decoder().register_forward_hook(count)
     try:
         while time.monotonic() < deadline:
             for _ in vlm.generate_stream(parts, max_new_tokens=MAX_NEW_TOKENS, deadline_s=deadline):
                 # The bench tokenizer decodes the random model's ids (mostly beyond its 566-token
                 # vocabulary) to nothing, so deltas are rare; the forward hook counts the steps.
                 pass
-            if out.first_token_s is None:
-                out.first_token_s = time.monotonic() - started
             out.answers += 1
     finally:
         counter.remove()
@@ -205,10 +209,10 @@ async def run(args: argparse.Namespace, vlm: VisionLanguageModel, parts: list[Pr
 
 
 def report(stats: dict[str, PhaseStats], generation: Generation, cameras: int) -> None:
-    first = "-" if generation.first_token_s is None else f"{generation.first_token_s:.1f} s"
+    prefill = "-" if generation.prefill_s is None else f"{generation.prefill_s:.1f} s"
     print(
         f"generation: prompt {generation.prompt_tokens} tokens, {generation.answers} answer(s), "
-        f"{generation.forwards} forwards in {generation.seconds:.1f} s, first answer done after {first}"
+        f"{generation.forwards} forwards (prefills + steps) in {generation.seconds:.1f} s, first prefill {prefill}"
     )
     print(
         f"{'phase':<10}{'s':>6}{'samples':>9}{'max age s':>11}{'p99 age s':>11}{'dropped':>9}"

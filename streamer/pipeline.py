@@ -118,7 +118,12 @@ class Pipeline:
         self.index = index
         self.index_path = index_path
         self._compression = compression
-        self._config = CompressorConfig(keep_ratio=compression.keep_ratio)
+        thresholds = {
+            name: value
+            for name, value in (("tau_static", compression.tau_static), ("tau_segment", compression.tau_segment))
+            if value is not None
+        }
+        self._config = CompressorConfig(keep_ratio=compression.keep_ratio, **thresholds)
         self._cameras: dict[str, _CameraMemory] = {}
         self._index_dirty = False
         self.stats = PipelineStats()

@@ -203,13 +203,38 @@ class CompressionSettings(_Strict):
         default="vigil", description="vigil: the streaming compressor; uniform/random: baselines at the same budget."
     )
     keep_ratio: float = Field(
-        default=0.10, gt=0, le=1, description="Target share of the encoder's tokens kept for a chunk of typical change."
+        default=0.04,
+        gt=0,
+        le=1,
+        description=(
+            "Share of the encoder's tokens a chunk may keep: a cap, calmer chunks keep fewer. 0.04 with int8 "
+            "stays under 20 MB per camera-hour at 1 fps; 0.10 keeps more detail at about twice that "
+            "(docs/compression.md)."
+        ),
+    )
+    tau_static: float | None = Field(
+        default=None,
+        ge=-1,
+        le=1,
+        description=(
+            "Cosine to a cell's run head above which a token counts as unchanged; null: the compressor's "
+            "default. Feature-space dependent: calibrate for your model (docs/compression.md)."
+        ),
+    )
+    tau_segment: float | None = Field(
+        default=None,
+        ge=-1,
+        le=1,
+        description="Cosine between consecutive frames' global features below which a new scene starts; null: default.",
     )
     skip_unchanged: bool = Field(
         default=True,
         description="Skip the encoder for frames whose pixels did not change; they extend the previous frame.",
     )
-    codec: Literal["fp16", "int8"] = Field(default="fp16", description="Storage precision of kept tokens.")
+    codec: Literal["fp16", "int8"] = Field(
+        default="int8",
+        description="Storage precision of kept tokens: int8 with per-channel scales (half the bytes of fp16), or fp16.",
+    )
 
 
 class RetrievalSettings(_Strict):

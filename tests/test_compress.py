@@ -236,7 +236,9 @@ def test_static_chunks_keep_fewer_tokens_than_busy_ones():
     images, times = sample_frames("one-by-one-person-detection.mp4", stop_s=32.0)
     tokens, glob = pixel_features(images)
     kept = [out for _, out, _ in run_stream(tokens, glob, times=times, chunk=8, config=PIXEL_CONFIG)]
-    assert sum(out.n_tokens for out in kept) <= 0.10 * sum(out.n_input for out in kept)
+    # keep_ratio is a cap, and a room that is empty part of the time stays well under it.
+    assert all(out.n_tokens <= math.floor(PIXEL_CONFIG.keep_ratio * out.n_input) for out in kept)
+    assert sum(out.n_tokens for out in kept) <= 0.75 * PIXEL_CONFIG.keep_ratio * sum(out.n_input for out in kept)
 
     def second_chunk(frames: slice) -> CompressedChunk:
         """Compress `frames` twice in a row (as if the camera repeated them) and return the second."""
