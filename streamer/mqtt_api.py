@@ -163,6 +163,16 @@ def backoff_delays(initial_s: float, max_s: float, rng: random.Random) -> Iterat
         delay = min(delay * 2.0, max_s)
 
 
+async def _first_of(*tasks: asyncio.Future[Any]) -> None:
+    """Wait until one of ``tasks`` is done, then cancel the others and wait for them to end."""
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class MqttApi:
     """Serves questions over MQTT and publishes vigil's availability and camera states."""
 
@@ -328,12 +338,7 @@ class MqttApi:
         """Dispatch messages until stop (returns True) or the connection drops (MqttError)."""
         reader = asyncio.create_task(self._read(client), name="mqtt:read")
         stopper = asyncio.create_task(stop.wait(), name="mqtt:stop")
-        try:
-            await asyncio.wait((reader, stopper), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (reader, stopper):
-                task.cancel()
-            await asyncio.gather(reader, stopper, return_exceptions=True)
+        await _first_of(reader, stopper)
         if stopper.done() and not stopper.cancelled():
             return True
         # Publishes waiting for a PUBACK on the dead connection give up now, into the outbox.
@@ -409,12 +414,7 @@ class MqttApi:
                 )
             )
             gone = asyncio.ensure_future(lost.wait())
-            try:
-                await asyncio.wait((publish, gone), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in (publish, gone):
-                    task.cancel()
-                await asyncio.gather(publish, gone, return_exceptions=True)
+            await _first_of(publish, gone)
             if publish.done() and not publish.cancelled() and publish.exception() is None:
                 return
             why = "connection lost" if publish.cancelled() else publish.exception()
