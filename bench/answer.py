@@ -78,6 +78,8 @@ def build_model(directory: Path) -> VisionLanguageModel:
             setattr(config.text_config, key, value)
         config.text_config.head_dim = QWEN2_05B["hidden_size"] // QWEN2_05B["num_attention_heads"]
         config.text_config.layer_types = ["full_attention"] * QWEN2_05B["num_hidden_layers"]
+        # The composite model ties by its own flag: without it lm_head gets separate random weights.
+        config.tie_word_embeddings = QWEN2_05B["tie_word_embeddings"]
         torch.manual_seed(0)
         model = LlavaOnevisionForConditionalGeneration(config).to(torch.bfloat16).eval()
         model.generation_config.eos_token_id = []  # random weights: never stop early
@@ -255,6 +257,7 @@ def main() -> None:
         ("min_full", f"last minute, {frames} frames uncompressed", items_of([full_chunk(footage, all_frames)])),
     ]
     if args.count_only:
+        print(f"{'case':40}{'visual tok':>11}{'prompt tok':>11}")
         for _, label, items in cases:
             print(f"{label:40}{sum(i.chunk.n_tokens for i in items):>11}{prompt_tokens(vlm, items):>11}")
         return

@@ -30,6 +30,8 @@ def setup_logging(level: str = "INFO") -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+    # faiss logs which CPU build it tried at INFO: noise in a service's journal.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:

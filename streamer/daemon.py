@@ -20,6 +20,7 @@ from enum import Enum
 from typing import Any
 
 import redis.exceptions
+import transformers
 
 from retrieval.answer import Answerer
 from retrieval.models import ModelNotFoundError
@@ -164,4 +165,6 @@ def cli_serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     setup_logging(settings.log_level)
+    # Progress bars while loading weights are for terminals, not for the journal.
+    transformers.utils.logging.disable_progress_bar()
     return asyncio.run(serve(settings))
