@@ -84,7 +84,7 @@ class CachedEncoder:
     cached frame is the time measured when it was encoded, so the time figures stay honest.
     """
 
-    def __init__(self, encoder: CachedEncoder, path: Path | None) -> None:
+    def __init__(self, encoder: Encoder, path: Path | None) -> None:
         self.encoder = encoder
         self.name = encoder.name
         self.path = path
