@@ -78,6 +78,29 @@ class Generator(Protocol):
 _DONE = object()
 
 
+class StreamTrimmer:
+    """Strips a streamed answer the way the final answer is stripped, delta by delta.
+
+    Leading whitespace is dropped; trailing whitespace is held back until more text follows it,
+    so the streamed pieces add up to exactly ``"".join(deltas).strip()``.
+    """
+
+    def __init__(self) -> None:
+        self._started = False
+        self._held = ""
+
+    def feed(self, delta: str) -> str:
+        """The part of ``delta`` that can be sent now ("" when nothing can)."""
+        text = self._held + delta if self._started else delta.lstrip()
+        visible = text.rstrip()
+        if not visible:
+            self._held = text
+            return ""
+        self._started = True
+        self._held = text[len(visible) :]
+        return visible
+
+
 class Answerer:
     """Question → retrieved memory → prompt → streamed model answer."""
 
@@ -131,12 +154,16 @@ class Answerer:
         gen_started = time.perf_counter()
         pieces: list[str] = []
         first_token_s: float | None = None
+        trim = StreamTrimmer()
         async for delta in self._generate(parts):
             if first_token_s is None:
                 first_token_s = time.perf_counter()
-            pieces.append(delta)
+            visible = trim.feed(delta)
+            if not visible:
+                continue
+            pieces.append(visible)
             if on_delta is not None:
-                await on_delta(delta)
+                await on_delta(visible)
         done = time.perf_counter()
         if first_token_s is not None:
             timing["first_token"] = (first_token_s - started) * 1000.0
@@ -144,7 +171,7 @@ class Answerer:
         timing["total"] = (done - started) * 1000.0
         citations = [Citation(c.camera, c.start_s, c.end_s, c.score) for c in retrieved.chunks]
         return Answer(
-            text="".join(pieces).strip(),
+            text="".join(pieces),
             citations=citations,
             after_s=retrieved.after_s,
             before_s=retrieved.before_s,

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memory.types import CompressedChunk, TokenKind
+from retrieval.answer import StreamTrimmer
 from retrieval.models import TextPart, VisualPart
 from retrieval.prompt import NO_MEMORY, build_prompt, format_span, token_order
 from retrieval.search import OfflineRange
@@ -109,3 +110,12 @@ def test_prompt_without_memory_says_so():
     parts = build_prompt("is anyone there?", [], [], tz=TZ)
     assert [p.text for p in parts if isinstance(p, TextPart)][1] == NO_MEMORY + "\n"
     assert not any(isinstance(p, VisualPart) for p in parts)
+
+
+@given(st.lists(st.text(alphabet=" \n\tab.", max_size=6), max_size=12))
+def test_streamed_deltas_add_up_to_the_stripped_answer(deltas: list[str]) -> None:
+    trim = StreamTrimmer()
+    sent = [trim.feed(delta) for delta in deltas]
+    assert "".join(sent) == "".join(deltas).strip()
+    # No piece ends in whitespace: trailing whitespace waits until text follows it.
+    assert all(piece == piece.rstrip() for piece in sent)
