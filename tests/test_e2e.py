@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -277,3 +278,94 @@ async def _ask_when_up(broker: tuple[str, int], prefix: str) -> list[dict[str, A
                                 return await ask_v5(broker, prefix, {"question": "Anything?"})
         assert time.monotonic() < deadline, "the daemon did not come back online"
         await asyncio.sleep(0.3)
+
+
+class NotifyListener:
+    """A unix datagram socket standing in for systemd's notify socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[dict[str, str]] = []
+
+    async def wait_for(self, key: str, timeout_s: float = 90.0) -> dict[str, str]:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout_s):
+            while True:
+                data = await loop.sock_recv(self.sock, 4096)
+                message = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+                self.messages.append(message)
+                if key in message:
+                    return message
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def serve_process(config: dict[str, Any], tmp_path: Path, notify: Path | None) -> subprocess.Popen[bytes]:
+    config_path = tmp_path / "vigil.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WATCHDOG_USEC": "2000000"}
+    if notify is not None:
+        env["NOTIFY_SOCKET"] = str(notify)
+    return subprocess.Popen([str(VIGIL), "serve", "-c", str(config_path)], env=env, stderr=subprocess.PIPE)
+
+
+async def retained_availability(broker: tuple[str, int], prefix: str) -> bytes | None:
+    async with aiomqtt.Client(broker[0], broker[1], identifier=f"peek-{uuid.uuid4().hex[:6]}") as client:
+        await client.subscribe(f"{prefix}/available", qos=1)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                async for message in client.messages:
+                    return bytes(message.payload) if isinstance(message.payload, bytes) else None
+    return None
+
+
+async def test_serve_speaks_the_systemd_notify_protocol(
+    prefix: str, tmp_path: Path, tiny_models: TinyModels, mqtt_broker: tuple[str, int], redis_url: str
+) -> None:
+    listener = NotifyListener(tmp_path / "notify.sock")
+    proc = serve_process(daemon_config(prefix, tmp_path, tiny_models, mqtt_broker, {}), tmp_path, listener.path)
+    try:
+        ready = await listener.wait_for("READY")
+        assert ready["READY"] == "1"
+        # READY comes only once the broker connection is up: `online` is already retained.
+        assert await retained_availability(mqtt_broker, prefix) == b"online"
+        await listener.wait_for("WATCHDOG", timeout_s=5)  # pinged at half of WATCHDOG_USEC
+        proc.send_signal(signal.SIGTERM)
+        stopping = await listener.wait_for("STOPPING")
+        assert stopping["STOPPING"] == "1"
+        _, err = await asyncio.to_thread(proc.communicate, timeout=60)
+        assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+        assert await retained_availability(mqtt_broker, prefix) == b"offline"
+    finally:
+        listener.close()
+        if proc.poll() is None:
+            proc.kill()
+        await _clear_availability(mqtt_broker, prefix)
+
+
+async def test_a_second_signal_exits_at_once(
+    prefix: str, tmp_path: Path, tiny_models: TinyModels, mqtt_broker: tuple[str, int], redis_url: str
+) -> None:
+    listener = NotifyListener(tmp_path / "notify.sock")
+    proc = serve_process(daemon_config(prefix, tmp_path, tiny_models, mqtt_broker, {}), tmp_path, listener.path)
+    try:
+        await listener.wait_for("READY")
+        # Two different signals, so the kernel cannot merge them into one pending signal.
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGINT)
+        await asyncio.to_thread(proc.communicate, timeout=30)
+        assert proc.returncode == 130  # forced: the staged shutdown did not run to its end
+    finally:
+        listener.close()
+        if proc.poll() is None:
+            proc.kill()
+        await _clear_availability(mqtt_broker, prefix)
+
+
+async def _clear_availability(broker: tuple[str, int], prefix: str) -> None:
+    async with aiomqtt.Client(broker[0], broker[1]) as client:
+        await client.publish(f"{prefix}/available", b"", qos=1, retain=True)
