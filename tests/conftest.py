@@ -18,7 +18,7 @@ from tests.plugins.net import accepts
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-pytest_plugins = ["tests.plugins.brokers", "tests.plugins.rtsp", "tests.plugins.models"]
+pytest_plugins = ["tests.plugins.brokers", "tests.plugins.redis_server", "tests.plugins.rtsp", "tests.plugins.models"]
 
 REDIS_URL = os.environ.get("VIGIL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 MQTT_HOST = os.environ.get("VIGIL_TEST_MQTT_HOST", "127.0.0.1")
