@@ -6,9 +6,10 @@ starts it. Fixture modules of each area live in tests/plugins/.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -26,9 +27,17 @@ MQTT_PORT = int(os.environ.get("VIGIL_TEST_MQTT_PORT", "1883"))
 
 
 @pytest.fixture
-def prefix() -> str:
-    """A key and topic prefix of this test alone."""
-    return f"vigiltest-{uuid.uuid4().hex[:10]}"
+def prefix() -> Iterator[str]:
+    """A key and topic prefix of this test alone; its keys in the shared Redis go afterwards."""
+    value = f"vigiltest-{uuid.uuid4().hex[:10]}"
+    yield value
+    if accepts(6379):
+        import redis
+
+        with contextlib.suppress(redis.RedisError), redis.Redis.from_url(REDIS_URL) as client:
+            keys = list(client.scan_iter(match=f"{value}*", count=1000))
+            if keys:
+                client.delete(*keys)
 
 
 @pytest.fixture
