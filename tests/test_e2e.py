@@ -37,6 +37,8 @@ from streamer.daemon import run_daemon
 from streamer.pipeline import index_path_for
 from streamer.settings import Settings
 from tests.plugins.brokers import PrivateBroker
+from tests.plugins.net import free_port
+from tests.plugins.redis_server import PrivateRedis
 from tests.plugins.rtsp import RtspServer
 
 pytestmark = pytest.mark.slow
@@ -366,3 +368,41 @@ async def test_a_second_signal_exits_at_once(
         listener.close()
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_chunks_sampled_while_redis_is_away_are_stored_when_it_returns(
+    prefix: str,
+    tmp_path: Path,
+    tiny_models: TinyModels,
+    broker: tuple[str, int],
+    rtsp_server_factory: Any,
+) -> None:
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    redis_server = PrivateRedis(free_port(), data_dir=redis_dir)
+    redis_server.start()
+    server: RtspServer = rtsp_server_factory(CLIP)
+    config = daemon_config(prefix, tmp_path, tiny_models, broker, {"lot": rtsp_camera(server.url)})
+    config["redis"]["url"] = redis_server.url
+    settings = Settings.model_validate(config)
+    try:
+        async with running_daemon(settings):
+            await wait_for_chunks(settings, "lot", 2)
+            redis_server.stop()
+            away_from = time.time()
+            await asyncio.sleep(7.0)  # two to three chunks are sampled with nowhere to go
+            # Questions still get a reply (an answer or an error), never silence.
+            [during] = await ask_v5(broker, prefix, {"question": "Anything in the lot?"})
+            assert "answer" in during or "error" in during
+            redis_server.start()
+            back_at = time.time()
+            # The retry buffer delivers what was sampled meanwhile, and ingest goes on.
+            metas = await wait_for_chunks(settings, "lot", 1, after_s=back_at + 3.0)
+            [after] = await ask_v5(broker, prefix, {"question": "Anything in the lot now?"})
+            assert after.get("citations"), after
+        spans = sorted((m.start_s, m.end_s) for m in metas)
+        assert any(start >= away_from and end <= back_at for start, end in spans), "nothing from the outage"
+        for (_, end), (start, _) in itertools.pairwise(spans):
+            assert start == pytest.approx(end, abs=0.6), "a hole in memory"
+    finally:
+        redis_server.stop()
