@@ -22,6 +22,7 @@ Encoders:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,7 +30,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -235,6 +236,17 @@ def coverage(inputs: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return (F.normalize(inputs.float(), dim=-1) @ F.normalize(kept.float(), dim=-1).T).max(dim=1).values
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch threads, then restore the previous count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_methods(
     tokens: torch.Tensor,
     glob: torch.Tensor,
@@ -242,25 +254,11 @@ def run_methods(
     state: CompressorState | None,
     config: CompressorConfig,
 ) -> tuple[dict[str, tuple[CompressedChunk, float]], CompressorState]:
-    """Compress one chunk with every method; returns {name: (chunk, ms)} and vigil's new state."""
-    t_start, t_end, weight = spans
-    # The compressor works on small tensors: thread fan-out costs more than it saves there (and on
-    # a shared CPU it stalls on busy cores), so it runs single-threaded, as the pipeline should.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run_methods(tokens, glob, (t_start, t_end, weight), state, config)
-    finally:
-        torch.set_num_threads(threads)
+    """Compress one chunk with every method; returns {name: (chunk, ms)} and vigil's new state.
 
-
-def _run_methods(
-    tokens: torch.Tensor,
-    glob: torch.Tensor,
-    spans: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    state: CompressorState | None,
-    config: CompressorConfig,
-) -> tuple[dict[str, tuple[CompressedChunk, float]], CompressorState]:
+    The compressor works on small tensors: thread fan-out costs more than it saves there (and on
+    a shared CPU it stalls on busy cores), so callers run this inside ``torch_threads(1)``.
+    """
     t_start, t_end, weight = spans
     t0 = time.perf_counter()
     ours, new_state = compress_chunk(tokens, glob, t_start, t_end, weight, grid=GRID, state=state, config=config)
@@ -318,7 +316,8 @@ def run_clip(
         last = torch.tensor([i + b for b in plan.last])
         t_start = torch.from_numpy(times)[first]
         spans = (t_start, torch.from_numpy(ends)[last], torch.tensor(plan.weight, dtype=torch.int64))
-        results, state = run_methods(tokens, glob, spans, state, config)
+        with torch_threads(1):
+            results, state = run_methods(tokens, glob, spans, state, config)
         found_cuts += [float(t_start[f]) for f in state.cuts.nonzero().squeeze(1).tolist()]
         flat = tokens.reshape(-1, tokens.shape[-1])
         for name, (chunk, ms) in results.items():
@@ -367,9 +366,7 @@ def run_clip(
                 stats.cuts_found += len(hits)
                 stats.false_cuts += sum(all(abs(c - f) > CUT_TOLERANCE_S for c in SCENE_CUTS_S) for f in found_cuts)
     share = clip_out["vigil"] / (len(images) * GRID[0] * GRID[1])
-    print(
-        f"  {path.name}: {len(images)} frames, {share:.1%} of sampled tokens kept, cuts at {found_cuts}", flush=True
-    )
+    print(f"  {path.name}: {len(images)} frames, {share:.1%} of sampled tokens kept, cuts at {found_cuts}", flush=True)
 
 
 def needle_trial(
@@ -413,7 +410,10 @@ def needle_trial(
     clean = new_t[-1]  # [N, C] the first needle frame without the needle
     t_start = torch.from_numpy(times)[torch.tensor(plan.first)]
     t_end = torch.from_numpy(ends)[torch.tensor(plan.last)]
-    results, _ = run_methods(toks, glob, (t_start, t_end, torch.tensor(plan.weight, dtype=torch.int64)), state, config)
+    with torch_threads(1):
+        results, _ = run_methods(
+            toks, glob, (t_start, t_end, torch.tensor(plan.weight, dtype=torch.int64)), state, config
+        )
     k = plan.first.index(NEEDLE_FRAMES[0])
     needle_from, needle_to = float(times[NEEDLE_FRAMES[0]]), float(ends[NEEDLE_FRAMES[1]])
     r0, c0 = NEEDLE_CELL

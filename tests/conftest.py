@@ -53,7 +53,7 @@ def redis_url() -> str:
 
 @pytest.fixture
 async def redis_client(redis_url: str, prefix: str) -> AsyncIterator[object]:
-    """An asyncio Redis client; every key under this test's prefix is deleted afterwards."""
+    """An asyncio Redis client for this test (its prefix's keys are deleted afterwards)."""
     import redis.asyncio as redis
 
     client = redis.Redis.from_url(redis_url)
@@ -63,10 +63,7 @@ async def redis_client(redis_url: str, prefix: str) -> AsyncIterator[object]:
         pytest.fail(
             f"Redis at {redis_url} does not answer PING ({exc}); start it with `bash scripts/setup.sh`", pytrace=False
         )
-    yield client
-    keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
-    if keys:
-        await client.delete(*keys)
+    yield client  # the prefix fixture deletes this test's keys afterwards
     await client.aclose()
 
 

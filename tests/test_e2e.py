@@ -36,7 +36,7 @@ from retrieval.tiny import TinyModels
 from streamer.daemon import run_daemon
 from streamer.pipeline import index_path_for
 from streamer.settings import Settings
-from tests.plugins.brokers import PrivateBroker
+from tests.plugins.brokers import PrivateBroker, retained
 from tests.plugins.net import free_port
 from tests.plugins.redis_server import PrivateRedis
 from tests.plugins.rtsp import RtspServer
@@ -320,13 +320,8 @@ def serve_process(config: dict[str, Any], tmp_path: Path, notify: Path | None) -
 
 
 async def retained_availability(broker: tuple[str, int], prefix: str) -> bytes | None:
-    async with aiomqtt.Client(broker[0], broker[1], identifier=f"peek-{uuid.uuid4().hex[:6]}") as client:
-        await client.subscribe(f"{prefix}/available", qos=1)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(2):
-                async for message in client.messages:
-                    return bytes(message.payload) if isinstance(message.payload, bytes) else None
-    return None
+    topic = f"{prefix}/available"
+    return (await retained(*broker, topic)).get(topic)
 
 
 async def test_serve_speaks_the_systemd_notify_protocol(
