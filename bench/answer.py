@@ -41,9 +41,9 @@ from transformers import AutoConfig, LlavaOnevisionForConditionalGeneration
 from bench.compress import CONFIGS, GRID, pixel_encoder, sample_frames
 from memory.compress import CompressorConfig, CompressorState, compress_chunk
 from memory.types import CompressedChunk, TokenKind
-from retrieval.models import VisionLanguageModel, load_vlm
 from retrieval.prompt import build_prompt
-from retrieval.tiny import make_tiny
+from vlm.models import VisionLanguageModel, load_vlm
+from vlm.tiny import make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CLIP = ROOT / "tests" / "data" / "one-by-one-person-detection.mp4"

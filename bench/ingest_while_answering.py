@@ -40,11 +40,12 @@ import numpy as np
 import torch
 
 from bench.answer import QUESTION, build_model, full_chunk, items_of, load_footage
-from retrieval.models import PromptPart, VisionLanguageModel
 from retrieval.prompt import build_prompt
 from streamer.camera import CameraWorker
 from streamer.frames import Chunk
 from streamer.settings import CameraSettings
+from vlm.models import VisionLanguageModel
+from vlm.types import PromptPart
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CLIP = ROOT / "tests" / "data" / "one-by-one-person-detection.mp4"

@@ -21,10 +21,10 @@ import torch
 from transformers import SiglipConfig, SiglipModel
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from retrieval.embedder import load_embedder
-from retrieval.models import load_vlm
-from retrieval.tiny import CHAT_TEMPLATE, build_tokenizer, make_tiny
 from tests.plugins.models import clip_frames
+from vlm.embedder import load_embedder
+from vlm.models import load_vlm
+from vlm.tiny import CHAT_TEMPLATE, build_tokenizer, make_tiny
 
 FRAMES = 8
 BASE_SIDE = 224  # siglip-base-patch16-224 input size

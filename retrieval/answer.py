@@ -25,7 +25,7 @@ from retrieval.search import Retriever, TextEmbedder
 if TYPE_CHECKING:
     from memory.index import VectorIndex
     from memory.store import MemoryStore
-    from retrieval.models import PromptPart
+    from vlm.types import PromptPart
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Answer:
 
 
 class Generator(Protocol):
-    """The part of ``retrieval.models.VisionLanguageModel`` the answerer uses."""
+    """The part of ``vlm.models.VisionLanguageModel`` the answerer uses."""
 
     def generate_stream(
         self, parts: list[PromptPart], *, max_new_tokens: int, deadline_s: float | None = None

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 
 from retrieval.search import OutageLike
+from vlm.types import PromptPart, TextPart, VisualPart
 
 if TYPE_CHECKING:
     from memory.types import CompressedChunk
-    from retrieval.models import PromptPart
 
 
 class PromptChunk(Protocol):
@@ -94,9 +94,6 @@ def build_prompt(
     tz: ZoneInfo,
 ) -> list[PromptPart]:
     """Assemble the prompt parts; chunks are placed in time order whatever order they come in."""
-    # Imported here so that importing the answering API (the MQTT service, `vigil ask`) does not
-    # pull in transformers; the prompt is only built where a model is loaded anyway.
-    from retrieval.models import TextPart, VisualPart  # noqa: PLC0415 - see above
 
     zone = datetime.now(tz).tzname() or str(tz)
     parts: list[PromptPart] = [TextPart(PREAMBLE.format(zone=zone) + "\n")]

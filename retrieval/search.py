@@ -57,7 +57,7 @@ PRESENT_WORDS = re.compile(r"\b(is|are|am|does|do|has|have)\b|\w'(s|re)\b", re.I
 
 
 class TextEmbedder(Protocol):
-    """The part of ``retrieval.embedder.Embedder`` retrieval needs."""
+    """The part of ``vlm.embedder.Embedder`` retrieval needs."""
 
     def embed_text(self, texts: list[str]) -> np.ndarray: ...  # [B, D] float32, L2-normalised
 

@@ -2,13 +2,17 @@
 # Installs what vigil and its tests need on Debian/Ubuntu and starts the services they talk to.
 # Safe to run twice: every step checks first and does nothing when its work is already done.
 #   - Debian packages: redis-server, mosquitto, ffmpeg, GStreamer's RTSP server (for the tests)
-#   - .venv with PyTorch (CUDA build where an NVIDIA GPU is present, else the CPU build) and vigil
+#   - .venv with exactly the Python packages of requirements.lock (PyTorch: the locked version, the
+#     CPU build here, the CUDA build where the registry gives one) and vigil in editable mode
 #   - redis-server on 127.0.0.1:6379 and mosquitto on 127.0.0.1:1883, started only when not listening
-# Environment: PYTHON (interpreter, >= 3.11), TORCH_SPEC (pip requirement for torch),
-# TORCH_INDEX_URL (an extra index for torch wheels, e.g. PyTorch's CPU-only index).
+# Environment: PYTHON (interpreter, >= 3.11), TORCH_SPEC (pip requirement for torch, default the
+# locked version), TORCH_INDEX_URL (an extra index for torch wheels, e.g. PyTorch's CPU-only index),
+# VENV (default .venv), LOCK (default requirements.lock).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+VENV=${VENV:-.venv}             # where the virtualenv lives (scripts/refresh-lock.sh uses another)
+LOCK=${LOCK:-requirements.lock} # the exact Python package set to install
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -46,35 +50,55 @@ pick_python() {
     exit 1
 }
 
+# The lock decides what a fresh machine gets: exact versions of every Python package, torch included
+# (the CPU build here; on a GPU machine the same version's CUDA build, whose own metadata pins the
+# NVIDIA libraries exactly). scripts/refresh-lock.sh rewrites it, only when the whole suite is green.
+locked_version() { sed -n "s/^$1==\([^ ;]*\).*/\1/p" "$LOCK"; }
+
 install_python() {
-    if [ ! -x .venv/bin/python ]; then
+    if [ ! -x "$VENV/bin/python" ]; then
         local py; py=$(pick_python)
-        log "creating .venv with $py"
-        "$py" -m venv .venv || { as_root apt-get install -y -qq python3-venv >/dev/null && "$py" -m venv .venv; }
-        .venv/bin/python -m pip install -q -U pip
+        log "creating $VENV with $py"
+        "$py" -m venv "$VENV" || { as_root apt-get install -y -qq python3-venv >/dev/null && "$py" -m venv "$VENV"; }
     fi
-    local pip=(.venv/bin/python -m pip install -q)
-    if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
-        local spec=${TORCH_SPEC:-}
-        if [ -z "$spec" ]; then
-            # An unpinned torch pulls several GB of CUDA libraries: take them only where a GPU can use them.
-            if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then spec="torch"
-            else spec="torch==2.13.0"; fi
-        fi
+    local python="$VENV/bin/python"
+    local pip=("$python" -m pip install -q --disable-pip-version-check)
+    local torch_version; torch_version=$(locked_version torch)
+    if [ "$("$python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)" != "$torch_version" ]; then
+        local spec=${TORCH_SPEC:-torch==$torch_version}
         log "installing $spec"
+        # With its dependencies: a CUDA build brings the NVIDIA libraries its metadata pins.
         if [ -n "${TORCH_INDEX_URL:-}" ]; then "${pip[@]}" --extra-index-url "$TORCH_INDEX_URL" "$spec"
         else "${pip[@]}" "$spec"; fi
     fi
-    # Reinstall only when pyproject.toml changed since the last install.
-    local stamp=.venv/.vigil-installed
-    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        log "installing vigil and its Python dependencies"
-        "${pip[@]}" -e ".[dev]"
-        if .venv/bin/python -m pip show torchvision >/dev/null 2>&1; then
-            # torchvision's CUDA-only build breaks transformers' VLM imports on CPU machines.
-            log "removing torchvision (breaks transformers' VLM imports without CUDA)"
-            .venv/bin/python -m pip uninstall -y -q torchvision
+    # Reinstall only when the lock or pyproject.toml changed since the last install.
+    local stamp="$VENV/.vigil-installed"
+    if [ ! -f "$stamp" ] || [ "$LOCK" -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        log "installing the locked Python packages ($LOCK) and vigil"
+        # --no-deps: the lock is the whole set; nothing is resolved on the install machine.
+        "${pip[@]}" --no-deps -r <(grep -v '^torch==' "$LOCK")
+        "${pip[@]}" --no-deps --no-build-isolation -e .
+        # Packages a previous install left that the lock no longer names (torch's CUDA libraries stay).
+        local extra
+        extra=$("$python" - "$LOCK" <<'PY'
+import re, sys
+from importlib.metadata import distributions
+
+def norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+locked = {norm(line.split("==")[0]) for line in open(sys.argv[1]) if "==" in line}
+installed = {norm(d.metadata["Name"]) for d in distributions()}
+# torch's own dependencies on a GPU machine (NVIDIA libraries, triton) come with torch, not the lock.
+extra = {n for n in installed - locked - {"vigil", "pip"} if not n.startswith(("nvidia-", "triton", "cuda-"))}
+print(" ".join(sorted(extra)))
+PY
+)
+        if [ -n "$extra" ]; then
+            log "removing packages the lock does not name: $extra"
+            "$python" -m pip uninstall -y -q $extra
         fi
+        "$python" -m pip check >/dev/null || { "$python" -m pip check; log "the installed set is inconsistent"; exit 1; }
         touch "$stamp"
     fi
 }

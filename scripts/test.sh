@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+VENV=${VENV:-.venv}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-.venv/bin/python -m ruff check .
-exec .venv/bin/python -m pytest "$@"
+"$VENV/bin/python" -m ruff check .
+exec "$VENV/bin/python" -m pytest "$@"

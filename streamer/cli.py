@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     tiny = models_sub.add_parser("make-tiny", help="write tiny random models of the real architectures (for tests)")
     tiny.add_argument("dir", help="output directory (gets vlm/, qwen2_5_vl/ and embedder/)")
-    tiny.set_defaults(func=_lazy("retrieval.tiny:cli_make_tiny"))
+    tiny.set_defaults(func=_lazy("vlm.tiny:cli_make_tiny"))
     return parser
 
 

@@ -23,13 +23,13 @@ import redis.exceptions
 import transformers
 
 from retrieval.answer import Answerer
-from retrieval.models import ModelNotFoundError
 from streamer.camera import CameraStatus, CameraWorker
 from streamer.frames import Chunk
 from streamer.mqtt_api import MqttApi
 from streamer.notify import Notifier
 from streamer.pipeline import Pipeline, open_pipeline
 from streamer.settings import Settings, load_settings
+from vlm.models import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 

@@ -33,12 +33,12 @@ from memory.index import VectorIndex
 from memory.skip import plan_skips, thumbnail
 from memory.store import ChunkMeta, MemoryStore, OutageRecord
 from memory.types import CompressedChunk
-from retrieval.embedder import Embedder, load_embedder
-from retrieval.models import VisionLanguageModel, load_vlm
 from streamer.camera import Outage
-from streamer.encoding import BatchEncoder
 from streamer.frames import Chunk
 from streamer.settings import CompressionSettings, Settings
+from vlm.embedder import Embedder, load_embedder
+from vlm.encoding import BatchEncoder
+from vlm.models import VisionLanguageModel, load_vlm
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,6 @@ from paho.mqtt.properties import Properties
 
 from memory.index import VectorIndex
 from memory.store import MemoryStore
-from retrieval.tiny import TinyModels
 from streamer.daemon import run_daemon
 from streamer.pipeline import index_path_for
 from streamer.settings import Settings
@@ -40,6 +39,7 @@ from tests.plugins.brokers import PrivateBroker, retained
 from tests.plugins.net import free_port
 from tests.plugins.redis_server import PrivateRedis
 from tests.plugins.rtsp import RtspServer
+from vlm.tiny import TinyModels
 
 pytestmark = pytest.mark.slow
 

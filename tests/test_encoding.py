@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.embedder import Embedder
-from retrieval.preprocess import FrameError
-from streamer.encoding import BatchEncoder, EncoderClosedError
 from tests.plugins.models import clip_frames
+from vlm.embedder import Embedder
+from vlm.encoding import BatchEncoder, EncoderClosedError
+from vlm.preprocess import FrameError
 
 # Long enough that callers started together by gather always land in one batch on a busy CI box.
 WAIT_MS = 500.0

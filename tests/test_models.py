@@ -16,21 +16,20 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.embedder import Embedder, load_embedder
-from retrieval.models import (
+from streamer.cli import main
+from tests.plugins.models import clip_frames
+from vlm.embedder import Embedder, load_embedder
+from vlm.models import (
     FAMILIES,
     ModelNotFoundError,
-    TextPart,
     UnsupportedModelError,
     VisionLanguageModel,
-    VisualPart,
     load_vlm,
     resolve_dtype,
 )
-from retrieval.preprocess import FrameError, qwen_patchify
-from retrieval.tiny import TinyModels
-from streamer.cli import main
-from tests.plugins.models import clip_frames
+from vlm.preprocess import FrameError, qwen_patchify
+from vlm.tiny import TinyModels
+from vlm.types import TextPart, VisualPart
 
 LOGIT_ATOL = 1e-4
 

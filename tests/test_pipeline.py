@@ -11,11 +11,11 @@ import pytest
 from memory.codec import decode_chunk
 from memory.index import VectorIndex
 from memory.types import TokenKind
-from retrieval.tiny import TinyModels
 from streamer.frames import Chunk, Frame
 from streamer.importer import iter_chunks
 from streamer.pipeline import Pipeline, index_path_for, open_pipeline
 from streamer.settings import CameraSettings, Settings
+from vlm.tiny import TinyModels
 
 DATA = Path(__file__).resolve().parent / "data"
 EMPTY_ROOM = DATA / "one-by-one-person-detection.mp4"  # nobody in the room for the first ~6 s

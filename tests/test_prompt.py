@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from memory.types import CompressedChunk, TokenKind
 from retrieval.answer import StreamTrimmer
-from retrieval.models import TextPart, VisualPart
 from retrieval.prompt import NO_MEMORY, build_prompt, format_span, token_order
 from retrieval.search import OfflineRange
+from vlm.types import TextPart, VisualPart
 
 TZ = ZoneInfo("Europe/Berlin")
 

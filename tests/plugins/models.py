@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 if TYPE_CHECKING:  # torch and transformers load only when a test asks for a model
-    from retrieval.embedder import Embedder
-    from retrieval.models import VisionLanguageModel
-    from retrieval.tiny import TinyModels
+    from vlm.embedder import Embedder
+    from vlm.models import VisionLanguageModel
+    from vlm.tiny import TinyModels
 
 CLIP = Path(__file__).resolve().parent.parent / "data" / "car-detection.mp4"
 
@@ -36,7 +36,7 @@ def clip_frames(count: int, step: int = 15) -> np.ndarray:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     """Directories of the tiny LLaVA-OneVision, Qwen2.5-VL and SigLIP models."""
-    from retrieval.tiny import make_tiny
+    from vlm.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny-models"))
 
@@ -44,7 +44,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
 @pytest.fixture(scope="session")
 def tiny_vlm(tiny_models: TinyModels) -> VisionLanguageModel:
     """The tiny LLaVA-OneVision, loaded on CPU in float32."""
-    from retrieval.models import load_vlm
+    from vlm.models import load_vlm
 
     return load_vlm(str(tiny_models.vlm), device="cpu", dtype="float32")
 
@@ -52,7 +52,7 @@ def tiny_vlm(tiny_models: TinyModels) -> VisionLanguageModel:
 @pytest.fixture(scope="session")
 def tiny_qwen(tiny_models: TinyModels) -> VisionLanguageModel:
     """The tiny Qwen2.5-VL, loaded on CPU in float32."""
-    from retrieval.models import load_vlm
+    from vlm.models import load_vlm
 
     return load_vlm(str(tiny_models.qwen2_5_vl), device="cpu", dtype="float32")
 
@@ -60,6 +60,6 @@ def tiny_qwen(tiny_models: TinyModels) -> VisionLanguageModel:
 @pytest.fixture(scope="session")
 def tiny_embedder(tiny_models: TinyModels) -> Embedder:
     """The tiny SigLIP embedder, loaded on CPU in float32."""
-    from retrieval.embedder import load_embedder
+    from vlm.embedder import load_embedder
 
     return load_embedder(str(tiny_models.embedder), device="cpu", dtype="float32")

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from retrieval.models import VisualTokens
-from retrieval.preprocess import check_frames
+from vlm.preprocess import check_frames
+from vlm.types import VisualTokens
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +35,14 @@ DEFAULT_QUEUE_REQUESTS = 64
 
 
 class VisionEncoder(Protocol):
-    """The part of ``retrieval.models.VisionLanguageModel`` the encoder uses."""
+    """The part of ``vlm.models.VisionLanguageModel`` the encoder uses."""
 
     def preprocess(self, frames: np.ndarray) -> Tensor: ...  # [T, H, W, 3] uint8 → [T, 3, S, S]
     def encode_pixels(self, pixels: Tensor) -> VisualTokens: ...
 
 
 class ImageEmbedder(Protocol):
-    """The part of ``retrieval.embedder.Embedder`` the encoder uses."""
+    """The part of ``vlm.embedder.Embedder`` the encoder uses."""
 
     def preprocess(self, frames: np.ndarray) -> Tensor: ...  # [T, H, W, 3] uint8 → [T, 3, S, S]
     def embed_pixels(self, pixels: Tensor) -> np.ndarray: ...  # [T, D] float32

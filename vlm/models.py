@@ -25,7 +25,6 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -43,13 +42,14 @@ from transformers import (
 )
 from transformers.utils import cached_file
 
-from retrieval.preprocess import (
+from vlm.preprocess import (
     PixelSpec,
     qwen_frame_side,
     qwen_patchify,
     read_preprocessor_config,
     to_pixels,
 )
+from vlm.types import PromptPart, TextPart, VisualPart, VisualTokens
 
 logger = logging.getLogger(__name__)
 
@@ -63,47 +63,6 @@ SYSTEM_PROMPT = "You are a helpful assistant."
 QWEN_TARGET_SIDE = 448
 # Characters of a decoded prefix that may still change when the next byte-level token arrives.
 _INCOMPLETE_UTF8 = "\ufffd"
-
-
-# --------------------------------------------------------------------------- shared types
-
-
-@dataclass
-class VisualTokens:
-    """Output of the vision path for T frames."""
-
-    tokens: Tensor  # [T, N, C] LLM input-space tokens (vision tower + projector), float32 CPU
-    global_feats: Tensor  # [T, G] mean of the vision tower's patch features, L2-normalised
-    grid: tuple[int, int]  # (rows, cols), rows * cols == N
-
-
-@dataclass
-class TextPart:
-    """Text inside the user turn."""
-
-    text: str
-
-
-@dataclass
-class VisualPart:
-    """Visual tokens inside the user turn, with the provenance that fixes their positions."""
-
-    tokens: Tensor  # [M, C]
-    frame: Tensor  # [M] int32 anchor frame index (chunk-local, for 3-D positions)
-    row: Tensor  # [M] int16 grid row (-1: a summary token without a place)
-    col: Tensor  # [M] int16 grid column (-1: a summary token without a place)
-
-    def __post_init__(self) -> None:
-        m = self.tokens.shape[0]
-        if self.tokens.ndim != 2:
-            raise ValueError(f"VisualPart.tokens must be [M, C], got {list(self.tokens.shape)}")
-        for name in ("frame", "row", "col"):
-            value: Tensor = getattr(self, name)
-            if value.shape != (m,):
-                raise ValueError(f"VisualPart.{name} must be [{m}], got {list(value.shape)}")
-
-
-PromptPart = TextPart | VisualPart
 
 
 # --------------------------------------------------------------------------- errors, device, dtype

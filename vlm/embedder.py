@@ -17,14 +17,14 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedModel, SiglipModel
 
-from retrieval.models import (
+from vlm.models import (
     load_config,
     not_found_error,
     resolve_device,
     resolve_dtype,
     resolve_file,
 )
-from retrieval.preprocess import PixelSpec, read_preprocessor_config, to_pixels
+from vlm.preprocess import PixelSpec, read_preprocessor_config, to_pixels
 
 logger = logging.getLogger(__name__)
 
