@@ -2,8 +2,12 @@
 
 ``ask`` publishes a question with a Response Topic and Correlation Data of its own and prints the
 reply (answer and citations, the deltas as they come with ``--stream``, or the raw JSON with
-``--json``). ``status`` reads the retained availability and camera state topics and prints a table.
-Exit codes: 0 answered / online, 1 an error reply, a timeout, an unreachable broker / not online.
+``--json``). ``status`` reads the retained availability, status and camera state topics and prints
+the health, the counters and a table of cameras. Retained states outlive the daemon that published
+them (after a crash the broker keeps the last ``connected``), so a camera is shown ``unknown`` when
+vigil is not ``online`` or when its state was not refreshed within ``STALE_AFTER_S``.
+Exit codes: 0 answered / online and healthy, 1 an error reply, a timeout, an unreachable broker /
+not online or degraded.
 """
 
 from __future__ import annotations
@@ -13,20 +17,34 @@ import asyncio
 import json
 import socket
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any, TextIO
+from zoneinfo import ZoneInfo
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from streamer.settings import MqttSettings, load_settings
+from streamer.timefmt import BadTimeError, parse_time
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 QOS = 1
 STATUS_COLUMNS = ("state", "input_fps", "sampled_fps", "frames_dropped", "reconnects", "last_frame_age_s", "error")
+COUNTERS = (
+    "chunks_stored",
+    "chunks_failed",
+    "frames_skipped",
+    "pending_writes",
+    "writes_dropped",
+    "encoder_queue_chunks",
+)
+# The daemon re-publishes every camera state every 10 s (streamer/daemon.py STATUS_INTERVAL_S); a
+# state older than six of those was left by a daemon that is gone or wedged.
+STALE_AFTER_S = 60.0
 
 
 def broker_settings(config: str | None) -> MqttSettings:
@@ -120,13 +138,15 @@ async def ask(
 
 
 async def status(settings: MqttSettings, *, timeout_s: float, out: TextIO, err: TextIO) -> int:
-    """Print availability and each camera's retained state; 0 when vigil is online."""
+    """Print availability, health, counters and each camera's retained state; 0 when online and ok."""
     prefix = settings.topic_prefix
     available: str | None = None
+    daemon: dict[str, Any] | None = None
     cameras: dict[str, dict[str, Any]] = {}
     try:
         async with _client(settings, timeout_s) as client:
             await client.subscribe(f"{prefix}/available", qos=QOS)
+            await client.subscribe(f"{prefix}/status", qos=QOS)
             await client.subscribe(f"{prefix}/cameras/+/state", qos=QOS)
             try:
                 async with asyncio.timeout(timeout_s):
@@ -135,27 +155,74 @@ async def status(settings: MqttSettings, *, timeout_s: float, out: TextIO, err: 
                         topic = str(message.topic)
                         if topic == f"{prefix}/available":
                             available = payload.decode(errors="replace")
+                        elif topic == f"{prefix}/status":
+                            daemon = _json_object(payload)
                         elif payload:
                             name = topic[len(prefix) + len("/cameras/") : -len("/state")]
-                            try:
-                                cameras[name] = json.loads(payload)
-                            except json.JSONDecodeError:
-                                cameras[name] = {"state": "?", "error": "unreadable state"}
+                            cameras[name] = _json_object(payload) or {"state": "?", "error": "unreadable state"}
             except TimeoutError:
                 pass  # retained messages come at once; the timeout only ends the collection
     except aiomqtt.MqttError as exc:
         print(f"error: MQTT broker {settings.host}:{settings.port}: {exc}", file=err)
         return EXIT_FAILURE
+    now_s = time.time()
+    online = available == "online"
     print(f"vigil ({prefix}): {available or 'unknown (no retained availability)'}", file=out)
+    degraded = _print_health(daemon, online, now_s, out)
     rows = [("camera", *STATUS_COLUMNS)]
-    rows += [(name, *(_cell(state.get(col)) for col in STATUS_COLUMNS)) for name, state in sorted(cameras.items())]
+    for name, retained in sorted(cameras.items()):
+        stale = _stale_reason(retained, available, now_s)
+        shown = retained if stale is None else {"state": "unknown", "error": f"{stale}; last: {retained.get('state')}"}
+        rows.append((name, *(_cell(shown.get(col)) for col in STATUS_COLUMNS)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     if cameras:
         for row in rows:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(), file=out)
     else:
         print("no camera states published", file=out)
-    return EXIT_OK if available == "online" else EXIT_FAILURE
+    return EXIT_OK if online and not degraded else EXIT_FAILURE
+
+
+def _json_object(payload: bytes) -> dict[str, Any] | None:
+    try:
+        body = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _age_s(body: dict[str, Any], now_s: float) -> float | None:
+    """Seconds since ``published_at``; None when it is missing or unreadable."""
+    try:
+        return now_s - parse_time(body.get("published_at"), ZoneInfo("UTC"))
+    except BadTimeError:
+        return None
+
+
+def _stale_reason(body: dict[str, Any], available: str | None, now_s: float) -> str | None:
+    """Why a retained payload no longer describes the present, or None while it does."""
+    if available != "online":
+        return f"stale: vigil is {available or 'not reporting'}"
+    age = _age_s(body, now_s)
+    if age is not None and age > STALE_AFTER_S:
+        return f"stale: published {age:.0f} s ago"
+    return None
+
+
+def _print_health(daemon: dict[str, Any] | None, online: bool, now_s: float, out: TextIO) -> bool:
+    """The health line and the counters; True when the daemon reports itself degraded now."""
+    if daemon is None:
+        print("health: unknown (no retained status)", file=out)
+        return False
+    health = daemon.get("health", "?")
+    reason = daemon.get("reason")
+    stale = _stale_reason(daemon, "online" if online else "offline", now_s)
+    if stale is not None:
+        print(f"health: unknown ({stale}; last: {health}{f': {reason}' if reason else ''})", file=out)
+    else:
+        print(f"health: {health}{f': {reason}' if reason else ''}", file=out)
+    print("  ".join(f"{key}={_cell(daemon.get(key))}" for key in COUNTERS), file=out)
+    return stale is None and health != "ok"
 
 
 def _cell(value: object) -> str:

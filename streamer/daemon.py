@@ -169,16 +169,10 @@ async def _announce_ready(api_ready: asyncio.Event, stop: asyncio.Event, reporte
     logger.info("ready: %s", reporter.systemd_status())
 
 
-def _spawn(tg: asyncio.TaskGroup, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-    """A named task of the group whose unexpected end is logged with its name."""
-    task = tg.create_task(coro, name=name)
-
-    def report(done: asyncio.Task[None]) -> None:
-        if not done.cancelled() and done.exception() is not None:
-            logger.critical("task %s failed: the daemon stops", name, exc_info=done.exception())
-
-    task.add_done_callback(report)
-    return task
+def _report_failure(task: asyncio.Task[None]) -> None:
+    """Done callback of every daemon task: an exception is logged with the task's name."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        logger.critical("task %s failed: the daemon stops", task.get_name(), exc_info=exc)
 
 
 async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notifier | None = None) -> None:
@@ -243,13 +237,23 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
         api_stop, api_ready = asyncio.Event(), asyncio.Event()
         cameras_stop, background_stop = asyncio.Event(), asyncio.Event()
         async with asyncio.TaskGroup() as tg:
-            _spawn(tg, api.run(api_stop, api_ready), "mqtt")
-            _spawn(tg, notifier.run_watchdog(background_stop), "watchdog")
-            _spawn(tg, maintenance.run(background_stop), "maintenance")
-            _spawn(tg, res.store.run_retry_loop(background_stop), "store:retry")
-            camera_tasks = [_spawn(tg, w.run(cameras_stop), f"camera:{w.name}") for w in workers]
-            feed_tasks = [_spawn(tg, _feed(queues[name], ingest), f"ingest:{name}") for name in cameras]
-            _spawn(tg, reporter.run(background_stop), "status")
+
+            names: list[str] = []
+
+            def spawn(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+                task = tg.create_task(coro, name=name)
+                task.add_done_callback(_report_failure)
+                names.append(name)
+                return task
+
+            spawn(api.run(api_stop, api_ready), "mqtt")
+            spawn(notifier.run_watchdog(background_stop), "watchdog")
+            spawn(maintenance.run(background_stop), "maintenance")
+            spawn(res.store.run_retry_loop(background_stop), "store:retry")
+            camera_tasks = [spawn(w.run(cameras_stop), f"camera:{w.name}") for w in workers]
+            feed_tasks = [spawn(_feed(queues[name], ingest), f"ingest:{name}") for name in cameras]
+            spawn(reporter.run(background_stop), "status")
+            logger.info("tasks: %s", ", ".join(names))
             await _announce_ready(api_ready, stop, reporter)
 
             await stop.wait()

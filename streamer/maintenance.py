@@ -14,6 +14,8 @@ import logging
 import time
 from collections.abc import Mapping
 
+import redis.exceptions
+
 from memory.store import REDIS_AWAY_ERRORS, MemoryStore
 from streamer.resources import IndexFile
 
@@ -62,6 +64,10 @@ class Maintenance:
                 deleted += await self._store.apply_retention(camera, cutoff_age_s, now_s)
             except REDIS_AWAY_ERRORS as exc:  # retention simply waits for its next round
                 logger.warning("retention for camera %s skipped: Redis unavailable (%s)", camera, exc)
+                continue
+            except redis.exceptions.RedisError as exc:
+                # Redis refuses it (a damaged key: WRONGTYPE): the other cameras still get theirs.
+                logger.error("retention for camera %s failed: %s: %s", camera, type(exc).__name__, exc)
                 continue
             if self._index.index.remove_before(camera, now_s - cutoff_age_s):
                 self._index.dirty = True

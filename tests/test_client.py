@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
+import time
 
 from streamer.cli import build_parser
-from streamer.client import ask, cli_ask, status
+from streamer.client import STALE_AFTER_S, ask, cli_ask, status
+from streamer.daemon import STATUS_INTERVAL_S
 from streamer.mqtt_api import MqttApi
+from streamer.timefmt import iso_time
 from tests.test_mqtt_api import CAMERAS, TZ, echo_answer, running, settings_for
 
 
@@ -69,18 +73,25 @@ async def test_ask_reports_an_unreachable_broker(prefix):
     assert err.getvalue().startswith("error: MQTT broker 127.0.0.1:1:")
 
 
-async def test_status_prints_the_camera_table(broker, prefix):
+async def test_status_prints_health_counters_and_the_camera_table(broker, prefix):
     settings = settings_for(*broker, prefix)
     api = MqttApi(settings, tz=TZ, cameras=CAMERAS, answer=echo_answer)
+    now = iso_time(time.time(), TZ)
     async with running(api):
         await api.publish_camera_state("garage", {"state": "connected", "input_fps": 10.0, "reconnects": 2})
-        await api.publish_camera_state("front_door", {"state": "reconnecting", "error": "connection refused"})
+        await api.publish_camera_state(
+            "front_door", {"state": "reconnecting", "error": "connection refused", "published_at": now}
+        )
+        await api.publish_status({"published_at": now, "health": "ok", "reason": None, "chunks_stored": 12})
         out = io.StringIO()
         code = await status(settings, timeout_s=0.5, out=out, err=io.StringIO())
     lines = out.getvalue().splitlines()
     assert code == 0
     assert lines[0] == f"vigil ({prefix}): online"
-    assert lines[1].split() == [
+    assert lines[1] == "health: ok"
+    assert lines[2].split()[0] == "chunks_stored=12"
+    assert lines[2].split()[1] == "chunks_failed=-"  # a counter the status did not carry
+    assert lines[3].split() == [
         "camera",
         "state",
         "input_fps",
@@ -90,9 +101,41 @@ async def test_status_prints_the_camera_table(broker, prefix):
         "last_frame_age_s",
         "error",
     ]
-    assert lines[2].split()[:2] == ["front_door", "reconnecting"]
-    assert lines[2].endswith("connection refused")
-    assert lines[3].split() == ["garage", "connected", "10.0", "-", "-", "2", "-", "-"]
+    assert lines[4].split()[:2] == ["front_door", "reconnecting"]
+    assert lines[4].endswith("connection refused")
+    assert lines[5].split() == ["garage", "connected", "10.0", "-", "-", "2", "-", "-"]
+    # After the stop `offline` is retained: no camera state can be believed any more.
     out = io.StringIO()
-    assert await status(settings, timeout_s=0.3, out=out, err=io.StringIO()) == 1  # offline after stop
-    assert out.getvalue().splitlines()[0] == f"vigil ({prefix}): offline"
+    assert await status(settings, timeout_s=0.3, out=out, err=io.StringIO()) == 1
+    lines = out.getvalue().splitlines()
+    assert lines[0] == f"vigil ({prefix}): offline"
+    assert lines[1] == "health: unknown (stale: vigil is offline; last: ok)"
+    assert lines[4].split()[:2] == ["front_door", "unknown"]
+    assert lines[4].endswith("stale: vigil is offline; last: reconnecting")
+    assert lines[5].split()[:2] == ["garage", "unknown"]
+
+
+async def test_status_marks_old_states_stale_and_says_when_degraded(broker, prefix):
+    settings = settings_for(*broker, prefix)
+    api = MqttApi(settings, tz=TZ, cameras=CAMERAS, answer=echo_answer)
+    now_s = time.time()
+    old = iso_time(now_s - STALE_AFTER_S - 30, TZ)
+    async with running(api):
+        await api.publish_camera_state("garage", {"state": "connected", "published_at": old})
+        await api.publish_camera_state("front_door", {"state": "connected", "published_at": iso_time(now_s, TZ)})
+        await api.publish_status(
+            {"published_at": iso_time(now_s, TZ), "health": "degraded", "reason": "camera garage: 3 chunks"}
+        )
+        out = io.StringIO()
+        code = await status(settings, timeout_s=0.5, out=out, err=io.StringIO())
+    lines = out.getvalue().splitlines()
+    assert code == 1  # online, but not doing its job
+    assert lines[1] == "health: degraded: camera garage: 3 chunks"
+    assert lines[4].split()[:2] == ["front_door", "connected"]
+    assert lines[5].split()[:2] == ["garage", "unknown"]
+    assert re.search(r"stale: published (\d+) s ago; last: connected$", lines[5])
+    assert int(re.search(r"published (\d+) s", lines[5]).group(1)) >= STALE_AFTER_S
+
+
+def test_the_staleness_bound_leaves_room_for_several_missed_refreshes():
+    assert STALE_AFTER_S >= 3 * STATUS_INTERVAL_S
