@@ -324,6 +324,13 @@ async def retained_availability(broker: tuple[str, int], prefix: str) -> bytes |
     return (await retained(*broker, topic)).get(topic)
 
 
+async def retained_status(broker: tuple[str, int], prefix: str) -> dict[str, Any]:
+    topic = f"{prefix}/status"
+    body = (await retained(*broker, topic)).get(topic)
+    assert body is not None, "no retained status"
+    return json.loads(body)
+
+
 async def test_serve_speaks_the_systemd_notify_protocol(
     prefix: str, tmp_path: Path, tiny_models: TinyModels, broker: tuple[str, int], redis_url: str
 ) -> None:
@@ -389,12 +396,22 @@ async def test_chunks_sampled_while_redis_is_away_are_stored_when_it_returns(
             # Questions still get a reply (an answer or an error), never silence.
             [during] = await ask_v5(broker, prefix, {"question": "Anything in the lot?"})
             assert "answer" in during or "error" in during
+            # Still online, but {prefix}/status says what is wrong.
+            away = await retained_status(broker, prefix)
+            assert away["health"] == "degraded", away
+            assert "Redis unreachable" in away["reason"]
+            assert away["pending_writes"] >= 1
+            assert await retained_availability(broker, prefix) == b"online"
             redis_server.start()
             back_at = time.time()
             # The retry buffer delivers what was sampled meanwhile, and ingest goes on.
             metas = await wait_for_chunks(settings, "lot", 1, after_s=back_at + 3.0)
             [after] = await ask_v5(broker, prefix, {"question": "Anything in the lot now?"})
             assert after.get("citations"), after
+            back = await retained_status(broker, prefix)
+            assert back["health"] == "ok", back
+            assert back["pending_writes"] == 0
+            assert back["chunks_stored"] > away["chunks_stored"]
         spans = sorted((m.start_s, m.end_s) for m in metas)
         assert any(start >= away_from and end <= back_at for start, end in spans), "nothing from the outage"
         for (_, end), (start, _) in itertools.pairwise(spans):
