@@ -119,9 +119,16 @@ class Answerer:
         # One thread: one answer at a time leaves the cores to ingest (generation is stateless,
         # docs/models.md, so this is about CPU, not safety); max_in_flight bounds the queue.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-generate")
+        self._closing = threading.Event()  # set by close(): a running generation stops at its next token
 
     def close(self) -> None:
-        """Stop the generation thread (waits for a running generation to reach its deadline)."""
+        """Stop the generation thread: a running generation ends at its next token.
+
+        Called when the daemon stops, also after an unexpected error, when the answer's own task
+        may not have been cancelled yet: waiting for the generation's deadline (up to
+        ``generation_timeout_s``) would hold the exit for that long.
+        """
+        self._closing.set()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def answer(self, question: Question, on_delta: Callable[[str], Awaitable[None]] | None = None) -> Answer:
@@ -181,7 +188,7 @@ class Answerer:
                 for delta in self._vlm.generate_stream(
                     parts, max_new_tokens=self._max_new_tokens, deadline_s=deadline_s
                 ):
-                    if cancelled.is_set():
+                    if cancelled.is_set() or self._closing.is_set():
                         break
                     put(delta)
             except Exception as exc:  # handed to the loop and re-raised there

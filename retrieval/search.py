@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from memory.codec import decode_chunk
+from memory.codec import CodecError, decode_chunk
 from memory.outage import Outage
 
 if TYPE_CHECKING:
@@ -234,7 +234,8 @@ class Retriever:
         return Retrieved(chunks, clip_outages(outages, after_s, before_s), after_s, before_s, about_now)
 
     async def _fetch(self, chosen: Sequence[Candidate]) -> list[RetrievedChunk]:
-        """Payloads from Redis, decoded; a chunk deleted since it was indexed is skipped."""
+        """Payloads from Redis, decoded; a chunk deleted since it was indexed, or whose payload is
+        corrupt, is skipped."""
         rows = await self._store.get_chunks([(c.camera, c.chunk_id) for c in chosen])
         payloads = {(meta.camera, meta.chunk_id): payload for meta, payload in rows}
         out = []
@@ -243,6 +244,10 @@ class Retriever:
             if payload is None:
                 log.info("chunk %d of %s expired before it could be read; skipped", c.chunk_id, c.camera)
                 continue
-            chunk = decode_chunk(payload)
+            try:
+                chunk = decode_chunk(payload)
+            except CodecError as exc:  # one damaged payload must not fail the whole question
+                log.error("chunk %d of %s has a corrupt payload; skipped: %s", c.chunk_id, c.camera, exc)
+                continue
             out.append(RetrievedChunk(c.camera, c.chunk_id, c.start_s, c.end_s, c.score, c.fresh, chunk))
         return out

@@ -3,6 +3,9 @@ and Answerer over a real MemoryStore in Redis, a real VectorIndex and the tiny m
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -138,6 +141,15 @@ async def test_retriever_filters_fetches_and_reports_outages(memory, tiny_embedd
     assert any(c.fresh for c in now.chunks)
 
 
+async def test_a_corrupt_payload_is_skipped_not_fatal(memory, tiny_embedder, redis_client):
+    store, index, metas = memory
+    garage = metas["garage"]
+    await redis_client.hset(store.keys.chunk("garage", garage.chunk_id), "payload", b"not a chunk")
+    retriever = Retriever(tiny_embedder, store, index, top_k=6, recent_chunks=0, max_chunks=12)
+    got = await retriever.retrieve("cars", cameras=None, after_s=None, before_s=None)
+    assert [c.chunk_id for c in got.chunks] == [metas[k].chunk_id for k in ("front_door", "garage2")]
+
+
 def make_answerer(vlm, embedder, store, index, *, max_new_tokens: int) -> Answerer:
     retriever = Retriever(embedder, store, index, top_k=2, recent_chunks=1, max_chunks=4)
     return Answerer(vlm, retriever, tz=TZ, max_new_tokens=max_new_tokens, generation_timeout_s=30.0)
@@ -176,3 +188,31 @@ async def test_answerer_with_empty_memory_still_answers(redis_client, prefix, ti
     assert answer.citations == []
     assert isinstance(answer.text, str)
     assert np.isfinite(answer.timing_ms["total"])
+
+
+class EndlessModel:
+    """A model that never stops on its own (only the deadline or the consumer end it)."""
+
+    def generate_stream(self, parts, *, max_new_tokens, deadline_s=None):
+        while deadline_s is None or time.monotonic() < deadline_s:
+            time.sleep(0.02)
+            yield "x"
+
+
+async def test_close_ends_a_running_generation_at_once(memory, tiny_embedder):
+    store, index, _ = memory
+    retriever = Retriever(tiny_embedder, store, index, top_k=2, recent_chunks=0, max_chunks=4)
+    answerer = Answerer(EndlessModel(), retriever, tz=TZ, max_new_tokens=10_000, generation_timeout_s=60.0)
+    first = asyncio.Event()
+
+    async def on_delta(text: str) -> None:
+        first.set()
+
+    job = asyncio.create_task(answerer.answer(Question("what now?"), on_delta))
+    await asyncio.wait_for(first.wait(), 30)
+    started = time.monotonic()
+    answerer.close()  # the answer's task is still running, as when another daemon task failed
+    assert time.monotonic() - started < 5.0  # not the 60 s generation deadline
+    job.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await job
