@@ -50,7 +50,7 @@ from vlm.types import PromptPart
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CLIP = ROOT / "tests" / "data" / "one-by-one-person-detection.mp4"
 SERVER_SCRIPT = ROOT / "scripts" / "rtsp_server.py"
-SYSTEM_PYTHON = "/usr/bin/python3"  # GStreamer's Python bindings come from apt (environment-notes §2)
+SYSTEM_PYTHON = "/usr/bin/python3"  # GStreamer's Python bindings come from apt (docs/install.md)
 SERVER_START_TIMEOUT_S = 15.0
 CONNECT_TIMEOUT_S = 30.0  # first RTSP frame takes ~1.5-2 s on an idle machine; allow for load
 POLL_S = 0.05

@@ -6,7 +6,7 @@ Run it with the SYSTEM python (GStreamer's Python bindings come from apt, not fr
     /usr/bin/python3 scripts/rtsp_server.py --port 8554 --file tests/data/car-detection.mp4 [--mount /cam]
 
 The clip is sent without re-encoding (``filesrc ! qtdemux ! h264parse ! rtph264pay``), paced by
-GStreamer at real time, so serving costs almost no CPU (environment-notes §2). Modes:
+GStreamer at real time, so serving costs almost no CPU (docs/ingest.md, Test servers). Modes:
 
 * ``--stall-after S``: stream normally for S seconds, then keep the session open and send no more
   video (a camera whose encoder froze).

@@ -5,7 +5,7 @@ The chain is a row of small generators (after faster-whisper's ``decode_audio``)
     demux+decode (skip bad packets, loop files) → timestamp → pace (files, lavfi) → sample → Frame
 
 Only sampled frames are converted to RGB numpy arrays: conversion costs about as much as
-decoding (environment-notes §2), and at 1 fps of a 10-30 fps camera most frames are dropped.
+decoding (docs/ingest.md, decode chain), and at 1 fps of a 10-30 fps camera most frames are dropped.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ _SCHEMES: dict[str, SourceKind] = {
     "https": "http",
 }
 # Decoder threads per stream: two keep one core per camera busy at most on small machines
-# (environment-notes §2: AUTO threading is the fastest mode for H.264 here).
+# (PyAV's default AUTO threading; docs/ingest.md, Measurements).
 DECODE_THREADS = 2
 
 

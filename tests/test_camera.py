@@ -28,7 +28,7 @@ FAST = {
     "reconnect_max_s": 1.0,
 }
 # The GStreamer server needs about 1.5-2 s from connect to first frame (preroll, keyframe wait;
-# environment-notes §2); more on a loaded 2-core machine.
+# docs/ingest.md, Timestamps); more on a loaded 2-core machine.
 FIRST_FRAME_S = 10.0
 
 
