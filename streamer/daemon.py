@@ -59,6 +59,7 @@ HEALTH_CHECK_S = 1.0  # how often health and the broker connection are looked at
 # READY=1 waits this long for the first broker connection, so that a normal start reports a
 # connected broker; a broker that is down must not hold readiness (cameras record without it).
 BROKER_READY_WAIT_S = 3.0
+FINAL_PUBLISH_S = 5.0  # the last camera states and status at a clean stop
 EXIT_FORCED = 130
 
 
@@ -143,13 +144,14 @@ class StatusReporter:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=HEALTH_CHECK_S)
             health = self.health()
-            changed = health != self._health
+            # A change of what is wrong, not of its numbers (pending writes grow every second).
+            changed = health.causes != self._health.causes
             if changed:
                 if health.reason:
                     logger.warning("health degraded: %s", health.reason)
                 else:
                     logger.info("health ok again")
-                self._health = health
+            self._health = health
             if self._said is not None:  # READY was sent: keep systemctl status current
                 self.notify_systemd()
             if changed or time.monotonic() - last_published >= STATUS_INTERVAL_S:
@@ -264,7 +266,11 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
             for queue in queues.values():
                 await queue.put(None)
             await asyncio.gather(*feed_tasks)
-            await reporter.publish()  # the final states ("stopped") stay retained for `vigil status`
+            # The final states ("stopped") stay retained for `vigil status`; bounded, because a
+            # broker connection that died unnoticed would hold each publish for its timeout.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FINAL_PUBLISH_S):
+                    await reporter.publish()
             background_stop.set()
             api_stop.set()
     logger.info("stopped")

@@ -24,19 +24,22 @@ HealthState = Literal["ok", "degraded"]
 @dataclass(frozen=True, slots=True)
 class Health:
     state: HealthState
-    reason: str | None  # why it is degraded; None when ok
+    reason: str | None  # why it is degraded, for people; None when ok
+    causes: tuple[str, ...] = ()  # what is wrong, for change detection ("camera:NAME", "redis")
 
 
 def assess(failing: Mapping[str, str], pending_writes: int, writes_dropped: int) -> Health:
     """``failing``: camera → why its chunks keep failing (``IngestService.failing()``);
     ``pending_writes``: Redis writes waiting in the retry buffer (only while Redis is away)."""
     reasons = [f"camera {camera}: {why}" for camera, why in failing.items()]
+    causes = [f"camera:{camera}" for camera in failing]
     if pending_writes:
         dropped = f", {writes_dropped} dropped so far" if writes_dropped else ""
         reasons.append(f"Redis unreachable: {pending_writes} writes waiting for retry{dropped}")
+        causes.append("redis")
     if not reasons:
         return Health("ok", None)
-    return Health("degraded", "; ".join(reasons))
+    return Health("degraded", "; ".join(reasons), tuple(causes))
 
 
 def status_payload(

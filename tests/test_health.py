@@ -21,10 +21,15 @@ def test_each_cause_is_named():
     failing = assess({"garage": "3 chunks in a row not stored, last: ValueError: x"}, 0, 0)
     assert failing.state == "degraded"
     assert failing.reason == "camera garage: 3 chunks in a row not stored, last: ValueError: x"
+    assert failing.causes == ("camera:garage",)
     away = assess({}, 12, 2)
-    assert away == Health("degraded", "Redis unreachable: 12 writes waiting for retry, 2 dropped so far")
+    assert away == Health(
+        "degraded", "Redis unreachable: 12 writes waiting for retry, 2 dropped so far", ("redis",)
+    )
+    assert assess({}, 13, 2).causes == away.causes  # the numbers move, the cause is the same
     both = assess({"a": "why a", "b": "why b"}, 1, 0)
     assert both.reason == "camera a: why a; camera b: why b; Redis unreachable: 1 writes waiting for retry"
+    assert both.causes == ("camera:a", "camera:b", "redis")
 
 
 def test_status_payload_carries_health_counters_and_its_time():
