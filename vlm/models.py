@@ -10,11 +10,11 @@ and picks the implementation from ``config.model_type`` through ``FAMILIES``. Tw
 * ``qwen2_5_vl``: every frame is encoded as an image (repeated over the temporal patch) through
   the windowed ViT and the 2x2 patch merger, N = (S/14/2)² for frames resized to S x S.
 
-Generation is a plain greedy loop over a KV cache, fed with ``inputs_embeds`` so that stored
-(compressed) visual tokens can be spliced between text tokens. For Qwen2.5-VL the 3-D M-RoPE
-positions of each visual token come from its provenance (frame, row, col), computed here for
-every call: the model's own ``rope_deltas`` attribute is never read or written, so one model
-instance can serve the encoder thread and the generation thread at once.
+Generation is transformers' greedy ``generate``, fed with ``inputs_embeds`` so that stored
+(compressed) visual tokens can be spliced between text tokens, and with explicit ``position_ids``.
+For Qwen2.5-VL the 3-D M-RoPE positions of each visual token come from its provenance (frame, row,
+col), computed here for every call: the model's own ``rope_deltas`` attribute is never read or
+written, so one model instance can serve the encoder thread and the generation thread at once.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -34,12 +36,13 @@ from torch import Tensor
 from transformers import (
     AutoConfig,
     AutoTokenizer,
-    DynamicCache,
+    GenerationConfig,
     LlavaOnevisionForConditionalGeneration,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2_5_VLForConditionalGeneration,
 )
+from transformers.generation import BaseStreamer, MaxTimeCriteria, StoppingCriteria, StoppingCriteriaList
 from transformers.utils import cached_file
 
 from vlm.preprocess import (
@@ -271,10 +274,28 @@ class VisionLanguageModel(ABC):
 
     @torch.inference_mode()
     def next_token_logits(self, parts: Sequence[PromptPart], system: str = SYSTEM_PROMPT) -> Tensor:
-        """Logits [V] (float32) for the first answer token: the prefill of ``generate_stream``."""
+        """Logits [V] (float32) for the first answer token: the prefill of ``generate_tokens``."""
         embeds, positions, _ = self.assemble(parts, system)
         out = self.model(inputs_embeds=embeds, position_ids=positions, use_cache=False, logits_to_keep=1)
         return out.logits[0, -1].float()
+
+    def _generation_config(self, max_new_tokens: int) -> GenerationConfig:
+        """Greedy decoding, EOS from the tokenizer and the checkpoint, nothing that reshapes logits.
+
+        ``generate`` fills every unset field from the checkpoint's ``generation_config.json``; the
+        fields that would change greedy answers (sampling, a repetition penalty) are set here, so
+        an answer depends only on the prompt.
+        """
+        eos = sorted(self._eos)
+        pad = self.tokenizer.pad_token_id
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            repetition_penalty=1.0,
+            eos_token_id=eos,
+            pad_token_id=pad if isinstance(pad, int) else (eos[0] if eos else None),
+        )
 
     def generate_tokens(
         self,
@@ -286,38 +307,51 @@ class VisionLanguageModel(ABC):
     ) -> Iterator[int]:
         """Greedy token ids (EOS excluded), stopping at EOS, ``max_new_tokens`` or ``deadline_s``.
 
-        ``deadline_s`` is a ``time.monotonic()`` instant; it is checked before every model step.
+        ``deadline_s`` is a ``time.monotonic()`` instant; it is checked after every new token (so
+        before every further model step). Decoding is transformers' ``generate`` on the assembled
+        ``inputs_embeds`` with our own ``position_ids`` (``generate`` advances them by one per
+        token on every row, which is right for 1-D RoPE and for M-RoPE after a text token), so
+        Qwen2.5-VL's ``rope_deltas`` model state is neither needed nor touched. ``generate`` runs on
+        a helper thread and hands each token over through its streamer (the pattern of
+        transformers' ``TextIteratorStreamer``); leaving the loop early stops it at its next token.
         """
         if max_new_tokens < 1 or (deadline_s is not None and time.monotonic() >= deadline_s):
             return
-        # Inference mode is entered per step, never held across a yield: grad mode is
+        # Inference mode is entered for the assembly only, never held across a yield: grad mode is
         # thread-local and would otherwise leak into the consumer while the generator waits.
         with torch.inference_mode():
-            embeds, positions, next_pos = self.assemble(parts, system)
-            cache = DynamicCache(config=self.model.config.get_text_config())
-            logits = self.model(
-                inputs_embeds=embeds,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[0, -1]  # [V]
-        step_shape = (*positions.shape[:-1], 1)  # one new token per step
-        for step in range(max_new_tokens):
-            token = int(logits.argmax())
-            if token in self._eos:
-                return
-            yield token
-            if step + 1 == max_new_tokens or (deadline_s is not None and time.monotonic() >= deadline_s):
-                return
-            with torch.inference_mode():
-                token_embeds = self._embed(torch.tensor([[token]], device=self.device))  # [1, 1, C]
-                logits = self.model(
-                    inputs_embeds=token_embeds,
-                    position_ids=torch.full(step_shape, next_pos + step, dtype=torch.long, device=self.device),
-                    past_key_values=cache,
-                    use_cache=True,
-                ).logits[0, -1]  # [V]
+            embeds, positions, _ = self.assemble(parts, system)  # [1, L, C], [1, L] or [3, 1, L]
+        stop = threading.Event()
+        criteria = StoppingCriteriaList([_StopWhenSet(stop)])
+        if deadline_s is not None:
+            # MaxTimeCriteria counts wall-clock seconds from its construction (time.time()).
+            criteria.append(MaxTimeCriteria(max_time=deadline_s - time.monotonic()))
+        streamer = _TokenQueue()
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(
+                        inputs_embeds=embeds,
+                        position_ids=positions,
+                        attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device),
+                        generation_config=self._generation_config(max_new_tokens),
+                        stopping_criteria=criteria,
+                        streamer=streamer,
+                    )
+            except BaseException as exc:  # handed to the consumer thread and re-raised there
+                streamer.fail(exc)
+
+        worker = threading.Thread(target=run, name="vigil-generate-steps", daemon=True)
+        worker.start()
+        try:
+            for token in streamer:
+                if token in self._eos:
+                    return
+                yield token
+        finally:
+            stop.set()  # the consumer left early (closed, cancelled): generate ends at its next token
+            worker.join()
 
     def generate_stream(
         self,
@@ -330,7 +364,9 @@ class VisionLanguageModel(ABC):
         """Answer text deltas for the user turn ``parts`` (greedy, KV-cached).
 
         Stops at EOS, after ``max_new_tokens`` tokens, or once ``time.monotonic()`` passes
-        ``deadline_s``. Deltas never split a UTF-8 character.
+        ``deadline_s``. Deltas never split a character: a byte-level tokenizer decodes the bytes of
+        an unfinished UTF-8 character as U+FFFD, so text ending in it is held back until the
+        character is complete, and dropped if generation stops first.
         """
         ids: list[int] = []
         emitted = ""
@@ -343,10 +379,58 @@ class VisionLanguageModel(ABC):
             if len(text) > len(emitted):
                 yield text[len(emitted) :]
                 emitted = text
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        # The last character may still be unfinished (stopped by max_new_tokens or the deadline in
+        # the middle of its bytes). A model that really ends on U+FFFD loses it: rare, harmless.
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).rstrip(_INCOMPLETE_UTF8)
         if text.startswith(emitted) and len(text) > len(emitted):
             yield text[len(emitted) :]
         logger.debug("generated %d tokens in %.2f s", len(ids), time.monotonic() - started)
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Stops ``generate`` once an event is set (the consumer of its tokens has gone)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self._event = event
+
+    def __call__(self, input_ids: Tensor, scores: Tensor | None, **kwargs: Any) -> Tensor:
+        """input_ids [B, L] → [B] bool: done for every sequence once the event is set."""
+        return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+_END = object()
+
+
+class _TokenQueue(BaseStreamer):
+    """``generate``'s streamer: each step's new token id, iterated on another thread.
+
+    ``generate`` first puts the prompt's ids (an empty [1, 0] tensor when it is given
+    ``inputs_embeds``), then [1] per step, including a final EOS; ``end`` closes the stream.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._prompt_seen = False
+
+    def put(self, value: Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self._queue.put(int(token))
+
+    def end(self) -> None:
+        self._queue.put(_END)
+
+    def fail(self, exc: BaseException) -> None:
+        self._queue.put(exc)
+        self._queue.put(_END)
+
+    def __iter__(self) -> Iterator[int]:
+        while (item := self._queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield int(item)  # type: ignore[call-overload]
 
 
 # --------------------------------------------------------------------------- LLaVA-OneVision
