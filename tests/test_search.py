@@ -3,6 +3,8 @@ and Answerer over a real MemoryStore in Redis, a real VectorIndex and the tiny m
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -203,3 +205,31 @@ async def test_answerer_with_empty_memory_still_answers(redis_client, prefix, ti
     assert answer.citations == []
     assert isinstance(answer.text, str)
     assert np.isfinite(answer.timing_ms["total"])
+
+
+async def test_a_streamed_answer_past_its_deadline_always_times_out(redis_client, prefix, tiny_embedder, tiny_vlm):
+    """The MQTT API bounds an answer with ``asyncio.timeout``; the answerer must never swallow it.
+
+    Publishing a delta keeps the loop busy while the model runs on, so deltas pile up in the
+    queue and the timeout fires when the next one is already there: on Python 3.11,
+    ``asyncio.wait_for(queue.get())`` then returned that delta and dropped the cancellation, and
+    the answer ran to its end.
+    """
+    store = MemoryStore(redis_client, key_prefix=prefix)
+    index = VectorIndex(tiny_embedder.dim)
+    answerer = make_answerer(tiny_vlm, tiny_embedder, store, index, max_new_tokens=300)
+    published: list[str] = []
+
+    async def publish(text: str) -> None:
+        # Encoding and handing the reply to the client: the loop is busy meanwhile (on purpose).
+        time.sleep(0.004)  # noqa: ASYNC251
+        published.append(text)
+
+    try:
+        for _ in range(5):
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await answerer.answer(Question("describe everything", stream=True), publish)
+    finally:
+        answerer.close()
+    assert published, "the answers were streaming when the timeout hit"
