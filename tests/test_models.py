@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -32,6 +34,7 @@ from vlm.tiny import TinyModels
 from vlm.types import TextPart, VisualPart
 
 LOGIT_ATOL = 1e-4
+ROUNDS = 4  # parallel loads per test: each round had a fair chance to lose the race
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +90,37 @@ def test_chat_template_kept_with_the_processor_is_found(tiny_models: TinyModels,
     vlm = load_vlm(str(copy), device="cpu")
     assert vlm.tokenizer.chat_template == template
     assert vlm.prompt_ids([TextPart("hi")]).numel() > 0
+
+
+def test_loading_in_parallel_with_the_embedder_keeps_tied_embeddings(tiny_models: TinyModels):
+    # vigil serve loads both models at once, in two threads; the checkpoint ties lm_head to
+    # embed_tokens, as the real ones do, so it stores no lm_head weight of its own.
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.tie_weights
+    try:
+        for _ in range(ROUNDS):
+            start = threading.Barrier(2)
+
+            def vlm(start: threading.Barrier = start) -> VisionLanguageModel:
+                start.wait()
+                return load_vlm(str(tiny_models.vlm), device="cpu")
+
+            def embedder(start: threading.Barrier = start) -> Embedder:
+                start.wait()
+                return load_embedder(str(tiny_models.embedder), device="cpu")
+
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                loading = pool.submit(vlm), pool.submit(embedder)
+                model = loading[0].result().model
+                loading[1].result()
+            head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+            assert head.data_ptr() == embed.data_ptr(), "lm_head is not tied to embed_tokens"
+            assert not [name for name, p in model.named_parameters() if p.is_meta]
+        assert PreTrainedModel.tie_weights is original
+    finally:
+        # A lost race leaves tie_weights a no-op for every later load in this process.
+        PreTrainedModel.tie_weights = original
 
 
 def test_unknown_hub_id_offline_names_the_id_and_the_fix():

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, PreTrainedModel, SiglipModel
 
 from vlm.models import (
     load_config,
+    load_pretrained,
     not_found_error,
     resolve_device,
     resolve_dtype,
@@ -109,7 +110,7 @@ def load_embedder(name_or_dir: str, device: str = "auto", dtype: str = "auto") -
     local = Path(name_or_dir).expanduser()
     source = str(local) if local.is_dir() else name_or_dir
     try:
-        model = model_class.from_pretrained(source, dtype=torch_dtype)
+        model = load_pretrained(model_class, source, torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         raise not_found_error(name_or_dir, setting, exc) from exc

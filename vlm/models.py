@@ -139,6 +139,23 @@ def resolve_file(name: str, filename: str, setting: str) -> str:
     return path
 
 
+# transformers' from_pretrained swaps process-wide state while it builds a model: it replaces
+# PreTrainedModel.tie_weights with a no-op (initialization.no_tie_weights) and sets torch's default
+# dtype (local_torch_dtype), restoring both when it returns. Two loads in parallel threads (vigil
+# serve loads the VLM and the embedder at once) interleave those swaps: a load can run with tying
+# disabled, or restore the no-op as "the original" for good, and a tied checkpoint (no
+# lm_head.weight of its own, like LLaVA-OneVision-0.5B) then keeps lm_head on the meta device
+# ("lm_head.weight MISSING", then "Cannot copy out of meta tensor"). Every from_pretrained of a
+# model in vlm/ goes through ``load_pretrained``, which serialises them.
+_LOAD_LOCK = threading.Lock()
+
+
+def load_pretrained(model_class: type[PreTrainedModel], source: str, dtype: torch.dtype) -> PreTrainedModel:
+    """``model_class.from_pretrained(source, dtype=dtype)``, one load at a time in this process."""
+    with _LOAD_LOCK:
+        return model_class.from_pretrained(source, dtype=dtype)
+
+
 def _greedy_eos(model: PreTrainedModel, tokenizer: Any) -> frozenset[int]:
     """Every id that ends an answer: the tokenizer's EOS and the generation config's."""
     ids: set[int] = set()
@@ -619,7 +636,7 @@ def load_vlm(name_or_dir: str, device: str = "auto", dtype: str = "auto") -> Vis
     torch_dtype = resolve_dtype(dtype, torch_device)
     source = str(Path(name_or_dir).expanduser()) if Path(name_or_dir).expanduser().is_dir() else name_or_dir
     try:
-        model = model_class.from_pretrained(source, dtype=torch_dtype)
+        model = load_pretrained(model_class, source, torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         raise not_found_error(name_or_dir, setting, exc) from exc

@@ -147,6 +147,9 @@ def _text_config() -> dict[str, object]:
         "num_attention_heads": TEXT_HEADS,
         "num_key_value_heads": TEXT_KV_HEADS,
         "max_position_embeddings": 4096,
+        # The real Qwen2-0.5B (LLaVA-OneVision) and Qwen2.5-VL-3B tie lm_head to embed_tokens; a
+        # tied checkpoint has no lm_head.weight of its own, which is what parallel loads broke.
+        "tie_word_embeddings": True,
         "eos_token_id": TOKEN_ID["<|im_end|>"],
         "pad_token_id": TOKEN_ID["<|endoftext|>"],
         "bos_token_id": TOKEN_ID["<|endoftext|>"],
