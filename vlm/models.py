@@ -26,10 +26,11 @@ import queue
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import jinja2
 import numpy as np
 import torch
 from torch import Tensor
@@ -167,6 +168,28 @@ def _greedy_eos(model: PreTrainedModel, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
+_PROBE = "vigil-template-probe"
+
+
+def content_format(tokenizer: Any) -> Literal["list", "string"]:
+    """How the tokenizer's chat template wants a message's content: a list of items or a string.
+
+    Processor templates (LLaVA's, Qwen2.5-VL's) iterate over ``[{"type": "text", ...}]`` items; a
+    text LM's template (Qwen2-Instruct's) concatenates ``message['content']`` to strings and fails
+    on a list with "can only concatenate str (not "list") to str". A probe message tells which.
+    """
+    for fmt, content in (("list", [{"type": "text", "text": _PROBE}]), ("string", _PROBE)):
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
+        except (TypeError, jinja2.TemplateError):
+            continue
+        if _PROBE in text:
+            return fmt  # type: ignore[return-value]
+    raise ModelNotFoundError("the chat template renders neither list-of-items nor string message content")
+
+
 # --------------------------------------------------------------------------- the model wrapper
 
 
@@ -191,6 +214,7 @@ class VisionLanguageModel(ABC):
         special = {str(t) for t in tokenizer.all_special_tokens}
         special |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
         self._reserved = sorted(special, key=len, reverse=True)  # longest first: no partial removals
+        self._content_format = content_format(tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -260,6 +284,8 @@ class VisionLanguageModel(ABC):
             {"role": "system", "content": [{"type": "text", "text": system}]},
             {"role": "user", "content": [{"type": "text", "text": content}]},
         ]
+        if self._content_format == "string":
+            messages = [{"role": m["role"], "content": system if m["role"] == "system" else content} for m in messages]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]  # [L]
         return ids
@@ -378,30 +404,38 @@ class VisionLanguageModel(ABC):
         deadline_s: float | None = None,
         system: str = SYSTEM_PROMPT,
     ) -> Iterator[str]:
-        """Answer text deltas for the user turn ``parts`` (greedy, KV-cached).
+        """Answer text deltas for the user turn ``parts`` (greedy, KV-cached; see ``text_deltas``).
 
         Stops at EOS, after ``max_new_tokens`` tokens, or once ``time.monotonic()`` passes
-        ``deadline_s``. Deltas never split a character: a byte-level tokenizer decodes the bytes of
-        an unfinished UTF-8 character as U+FFFD, so text ending in it is held back until the
-        character is complete, and dropped if generation stops first.
+        ``deadline_s``.
         """
-        ids: list[int] = []
-        emitted = ""
         started = time.monotonic()
-        for token in self.generate_tokens(parts, max_new_tokens=max_new_tokens, deadline_s=deadline_s, system=system):
-            ids.append(token)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if text.endswith(_INCOMPLETE_UTF8) or not text.startswith(emitted):
-                continue
-            if len(text) > len(emitted):
-                yield text[len(emitted) :]
-                emitted = text
-        # The last character may still be unfinished (stopped by max_new_tokens or the deadline in
-        # the middle of its bytes). A model that really ends on U+FFFD loses it: rare, harmless.
-        text = self.tokenizer.decode(ids, skip_special_tokens=True).rstrip(_INCOMPLETE_UTF8)
-        if text.startswith(emitted) and len(text) > len(emitted):
+        tokens = self.generate_tokens(parts, max_new_tokens=max_new_tokens, deadline_s=deadline_s, system=system)
+        yield from text_deltas(self.tokenizer, tokens)
+        logger.debug("generated an answer in %.2f s", time.monotonic() - started)
+
+
+def text_deltas(tokenizer: Any, tokens: Iterable[int]) -> Iterator[str]:
+    """Token ids as they are generated → text deltas that add up to the answer, whole characters only.
+
+    A byte-level tokenizer (Qwen's) decodes the bytes of an unfinished UTF-8 character as U+FFFD,
+    so text ending in it is held back until the character is complete, and dropped if the tokens
+    end first (``max_new_tokens`` or the deadline stopped generation in the middle of its bytes;
+    a model that really ends on U+FFFD loses it: rare and harmless).
+    """
+    ids: list[int] = []
+    emitted = ""
+    for token in tokens:
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith(_INCOMPLETE_UTF8) or not text.startswith(emitted):
+            continue
+        if len(text) > len(emitted):
             yield text[len(emitted) :]
-        logger.debug("generated %d tokens in %.2f s", len(ids), time.monotonic() - started)
+            emitted = text
+    text = tokenizer.decode(ids, skip_special_tokens=True).rstrip(_INCOMPLETE_UTF8)
+    if text.startswith(emitted) and len(text) > len(emitted):
+        yield text[len(emitted) :]
 
 
 class _StopWhenSet(StoppingCriteria):
@@ -597,14 +631,14 @@ class Qwen25VLVLM(VisionLanguageModel):
 # --------------------------------------------------------------------------- loading
 
 
-def _processor_chat_template(source: str, setting: str) -> str:
-    """The chat template of checkpoints that keep it with the processor (``chat_template.json``)."""
+def _processor_chat_template(source: str, setting: str) -> str | None:
+    """The processor's chat template (``chat_template.json``), or None when the checkpoint has none."""
     try:
-        path = cached_file(source, "chat_template.json")
+        path = cached_file(source, "chat_template.json", _raise_exceptions_for_missing_entries=False)
     except (OSError, ValueError) as exc:
         raise not_found_error(source, setting, exc) from exc
     if path is None:
-        raise ModelNotFoundError(f"{source!r} has no chat template (tokenizer or chat_template.json)")
+        return None
     with open(path, encoding="utf-8") as handle:
         template = json.load(handle).get("chat_template")
     if not isinstance(template, str):
@@ -641,8 +675,14 @@ def load_vlm(name_or_dir: str, device: str = "auto", dtype: str = "auto") -> Vis
     except OSError as exc:
         raise not_found_error(name_or_dir, setting, exc) from exc
     model = model.to(torch_device).eval()
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = _processor_chat_template(source, setting)
+    # A VLM's prompt format is its processor's template (what AutoProcessor.apply_chat_template
+    # uses); the tokenizer may carry its text LM's own template (LLaVA-OneVision's Qwen2-Instruct
+    # one), which knows nothing of images or videos.
+    template = _processor_chat_template(source, setting)
+    if template is not None:
+        tokenizer.chat_template = template
+    elif tokenizer.chat_template is None:
+        raise ModelNotFoundError(f"{name_or_dir!r} has no chat template (tokenizer or chat_template.json)")
     preprocessor = read_preprocessor_config(resolve_file(source, "preprocessor_config.json", setting))
     vlm = wrapper(name_or_dir, model, tokenizer, preprocessor)
     logger.info(
