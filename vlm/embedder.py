@@ -24,6 +24,7 @@ from vlm.models import (
     resolve_device,
     resolve_dtype,
     resolve_file,
+    tokenizer_import_error,
 )
 from vlm.preprocess import PixelSpec, read_preprocessor_config, to_pixels
 
@@ -114,12 +115,9 @@ def load_embedder(name_or_dir: str, device: str = "auto", dtype: str = "auto") -
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         raise not_found_error(name_or_dir, setting, exc) from exc
-    except (ImportError, ValueError) as exc:
+    except ImportError as exc:
         # Google's SigLIP checkpoints ship a SentencePiece tokenizer (spiece.model).
-        raise RuntimeError(
-            f"cannot build the tokenizer of {name_or_dir!r}: {exc}. "
-            "SigLIP's tokenizer needs the sentencepiece package (pip install sentencepiece)."
-        ) from exc
+        raise tokenizer_import_error(name_or_dir, setting, exc) from exc
     model = model.to(torch_device).eval()
     preprocessor = read_preprocessor_config(resolve_file(source, "preprocessor_config.json", setting))
     embedder = Embedder(name_or_dir, model, tokenizer, preprocessor)

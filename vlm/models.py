@@ -19,6 +19,7 @@ written, so one model instance can serve the encoder thread and the generation t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -138,6 +139,36 @@ def resolve_file(name: str, filename: str, setting: str) -> str:
     if path is None:
         raise not_found_error(name, setting, FileNotFoundError(filename))
     return path
+
+
+# Packages transformers' tokenizer classes import only when a checkpoint needs them (import name →
+# pip name): SentencePiece tokenizers (SigLIP's) need both; both are vigil dependencies.
+TOKENIZER_PACKAGES = {"sentencepiece": "sentencepiece", "google.protobuf": "protobuf"}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a missing parent package, or a module blocked in sys.modules
+        return False
+
+
+def tokenizer_import_error(name: str, setting: str, cause: ImportError) -> ModelNotFoundError:
+    """The tokenizer of ``name`` needs a package that is not installed: say which, and how to get it.
+
+    transformers raises a bare ImportError ("SiglipTokenizer requires the protobuf library ...");
+    the packages that are really missing here are looked up rather than guessed.
+    """
+    missing = [pip for module, pip in TOKENIZER_PACKAGES.items() if not _installed(module)]
+    detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if not missing:
+        return ModelNotFoundError(f"cannot build the tokenizer of {name!r} ({setting}): {detail}")
+    packages = " ".join(missing)
+    return ModelNotFoundError(
+        f"cannot build the tokenizer of {name!r} ({setting}): it needs the {', '.join(missing)} "
+        f"package{'s' if len(missing) > 1 else ''}, not installed here. Install with `pip install {packages}` "
+        f"(or `bash scripts/setup.sh`, which installs vigil's locked dependencies). transformers said: {detail}"
+    )
 
 
 # transformers' from_pretrained swaps process-wide state while it builds a model: it replaces
@@ -674,6 +705,8 @@ def load_vlm(name_or_dir: str, device: str = "auto", dtype: str = "auto") -> Vis
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         raise not_found_error(name_or_dir, setting, exc) from exc
+    except ImportError as exc:
+        raise tokenizer_import_error(name_or_dir, setting, exc) from exc
     model = model.to(torch_device).eval()
     # A VLM's prompt format is its processor's template (what AutoProcessor.apply_chat_template
     # uses); the tokenizer may carry its text LM's own template (LLaVA-OneVision's Qwen2-Instruct
