@@ -38,6 +38,7 @@ import numpy as np
 import redis.exceptions as redis_errors
 
 from memory.keys import RedisKeys, check_camera
+from memory.outage import Outage
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -122,23 +123,6 @@ class ChunkMeta:
         return cls(**json.loads(text))
 
 
-@dataclass(frozen=True, slots=True)
-class OutageRecord:
-    """A span in which a camera delivered no frames (memory's copy of streamer's Outage)."""
-
-    camera: str
-    start_s: float
-    end_s: float | None  # None while the camera is still offline
-    reason: str
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> OutageRecord:
-        return cls(**json.loads(text))
-
-
 @dataclass(slots=True)
 class StoreStats:
     """Counters since the store was created."""
@@ -158,7 +142,7 @@ class _PendingChunk:
 
 @dataclass(frozen=True, slots=True)
 class _PendingOutage:
-    record: OutageRecord
+    record: Outage
 
 
 _Pending = _PendingChunk | _PendingOutage
@@ -249,7 +233,7 @@ class MemoryStore:
         vec = _check_chunk(meta, payload, vector)  # [D] float32
         return await self._put(_PendingChunk(meta, bytes(payload), vec.tobytes()))
 
-    async def put_outage(self, record: OutageRecord) -> bool:
+    async def put_outage(self, record: Outage) -> bool:
         """Store or update (same camera and start) an outage; False when buffered for retry."""
         check_camera(record.camera)
         _check_time("start_s", record.start_s)
@@ -463,14 +447,14 @@ class MemoryStore:
         cameras: Iterable[str] | None = None,
         after_s: float | None = None,
         before_s: float | None = None,
-    ) -> list[OutageRecord]:
+    ) -> list[Outage]:
         """Outages overlapping [after_s, before_s) of ``cameras`` (None: all), ordered by start."""
         names = await self.cameras() if cameras is None else [check_camera(c) for c in cameras]
-        records: list[OutageRecord] = []
+        records: list[Outage] = []
         for camera in names:
             raw: dict[Any, Any] = await self._redis.hgetall(self.keys.outages(camera))
             for value in raw.values():
-                rec = OutageRecord.from_json(value)
+                rec = Outage.from_json(value)
                 if before_s is not None and rec.start_s >= before_s:
                     continue
                 if after_s is not None and rec.end_s is not None and rec.end_s <= after_s:
@@ -503,7 +487,7 @@ class MemoryStore:
         stale = [
             field
             for field, value in (await self._redis.hgetall(outage_key)).items()
-            if (end_s := OutageRecord.from_json(value).end_s) is not None and end_s < cutoff_s
+            if (end_s := Outage.from_json(value).end_s) is not None and end_s < cutoff_s
         ]
         if stale:
             await self._redis.hdel(outage_key, *stale)

@@ -20,11 +20,9 @@ from typing import TYPE_CHECKING, Protocol
 from zoneinfo import ZoneInfo
 
 from retrieval.prompt import build_prompt
-from retrieval.search import Retriever, TextEmbedder
+from retrieval.search import Retriever
 
 if TYPE_CHECKING:
-    from memory.index import VectorIndex
-    from memory.store import MemoryStore
     from vlm.types import PromptPart
 
 log = logging.getLogger(__name__)
@@ -107,31 +105,19 @@ class Answerer:
     def __init__(
         self,
         vlm: Generator,
-        embedder: TextEmbedder,
-        store: MemoryStore,
-        index: VectorIndex,
+        retriever: Retriever,
         *,
         tz: ZoneInfo,
-        top_k: int,
-        recent_chunks: int,
-        max_prompt_chunks: int,
         max_new_tokens: int,
         generation_timeout_s: float,
     ) -> None:
         self._vlm = vlm
+        self._retriever = retriever
         self._tz = tz
         self._max_new_tokens = max_new_tokens
         self._generation_timeout_s = generation_timeout_s
-        self._retriever = Retriever(
-            embedder,
-            store,
-            index,
-            top_k=top_k,
-            recent_chunks=recent_chunks,
-            max_chunks=max_prompt_chunks,
-        )
-        # One thread: one answer at a time keeps ingest fed (a generation uses every core it is
-        # given), and answers queue in order instead of slowing each other down.
+        # One thread: one answer at a time leaves the cores to ingest (generation is stateless,
+        # docs/models.md, so this is about CPU, not safety); max_in_flight bounds the queue.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-generate")
 
     def close(self) -> None:

@@ -21,10 +21,10 @@ from zoneinfo import ZoneInfo
 import torch
 from torch import Tensor
 
-from retrieval.search import OutageLike
 from vlm.types import PromptPart, TextPart, VisualPart
 
 if TYPE_CHECKING:
+    from memory.outage import Outage
     from memory.types import CompressedChunk
 
 
@@ -89,7 +89,7 @@ def token_order(frame: Tensor, row: Tensor, col: Tensor) -> Tensor:
 def build_prompt(
     question: str,
     chunks: Sequence[PromptChunk],
-    outages: Sequence[OutageLike],
+    outages: Sequence[Outage],
     *,
     tz: ZoneInfo,
 ) -> list[PromptPart]:

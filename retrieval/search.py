@@ -16,13 +16,12 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
-from zoneinfo import ZoneInfo
 
 import numpy as np
 
 from memory.codec import decode_chunk
+from memory.outage import Outage
 
 if TYPE_CHECKING:
     from memory.index import VectorIndex
@@ -62,38 +61,7 @@ class TextEmbedder(Protocol):
     def embed_text(self, texts: list[str]) -> np.ndarray: ...  # [B, D] float32, L2-normalised
 
 
-class BadTimeError(ValueError):
-    """A time in a request could not be understood."""
-
-
 # --------------------------------------------------------------------------- pure parts
-
-
-def parse_time(value: object, tz: ZoneInfo) -> float:
-    """ISO 8601 text → UTC epoch seconds; naive times are in ``tz``. Raises BadTimeError."""
-    if not isinstance(value, str):
-        raise BadTimeError(f"expected an ISO 8601 time string, got {type(value).__name__}")
-    try:
-        moment = datetime.fromisoformat(value.strip())
-    except ValueError as exc:
-        raise BadTimeError(f"{value!r} is not an ISO 8601 time (e.g. 2026-11-20T14:03:00+01:00)") from exc
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=tz)
-    return moment.timestamp()
-
-
-def parse_window(after: object, before: object, tz: ZoneInfo) -> tuple[float | None, float | None]:
-    """The ``after``/``before`` fields of a request → (after_s, before_s); either may be absent."""
-    after_s = None if after is None else parse_time(after, tz)
-    before_s = None if before is None else parse_time(before, tz)
-    if after_s is not None and before_s is not None and after_s >= before_s:
-        raise BadTimeError(f"after ({after}) must be earlier than before ({before})")
-    return after_s, before_s
-
-
-def iso_time(ts_s: float, tz: ZoneInfo) -> str:
-    """UTC epoch seconds → ISO 8601 with the zone's offset, millisecond precision (API output)."""
-    return datetime.fromtimestamp(ts_s, tz).isoformat(timespec="milliseconds")
 
 
 def is_about_now(question: str, after_s: float | None, before_s: float | None) -> bool:
@@ -165,31 +133,11 @@ def order_by_time(candidates: Sequence[Candidate]) -> list[Candidate]:
     return sorted(candidates, key=lambda c: (c.start_s, c.end_s, c.camera))
 
 
-@dataclass(frozen=True)
-class OfflineRange:
-    """A span in which a camera recorded nothing, clipped to the question's window."""
+def clip_outages(outages: Sequence[Outage], after_s: float | None, before_s: float | None) -> list[Outage]:
+    """The outages overlapping the window, clipped to it, by start time.
 
-    camera: str
-    start_s: float
-    end_s: float | None
-    reason: str
-
-
-class OutageLike(Protocol):
-    """memory.store.OutageRecord, or streamer.camera.Outage."""
-
-    @property
-    def camera(self) -> str: ...
-    @property
-    def start_s(self) -> float: ...
-    @property
-    def end_s(self) -> float | None: ...
-    @property
-    def reason(self) -> str: ...
-
-
-def clip_outages(outages: Sequence[OutageLike], after_s: float | None, before_s: float | None) -> list[OfflineRange]:
-    """Outages (camera, start_s, end_s | None, reason) overlapping the window, clipped to it."""
+    An outage still open (``end_s`` None) stays open unless the window ends: then it ends there.
+    """
     lo = -math.inf if after_s is None else after_s
     hi = math.inf if before_s is None else before_s
     clipped = []
@@ -198,7 +146,7 @@ def clip_outages(outages: Sequence[OutageLike], after_s: float | None, before_s:
         if end <= lo or o.start_s >= hi:
             continue
         clipped_end = None if (o.end_s is None and before_s is None) else min(end, hi)
-        clipped.append(OfflineRange(o.camera, max(o.start_s, lo), clipped_end, o.reason))
+        clipped.append(Outage(o.camera, max(o.start_s, lo), clipped_end, o.reason))
     return sorted(clipped, key=lambda r: (r.start_s, r.camera))
 
 
@@ -223,7 +171,7 @@ class Retrieved:
     """Everything the prompt needs: chunks in time order and the outages in the window."""
 
     chunks: list[RetrievedChunk]
-    outages: list[OfflineRange]
+    outages: list[Outage]  # clipped to the window
     after_s: float | None
     before_s: float | None
     about_now: bool

@@ -12,7 +12,7 @@ import sys
 import time
 
 from memory.store import MemoryStore
-from streamer.pipeline import redis_client
+from streamer.resources import redis_client
 from streamer.settings import load_settings
 
 POLL_S = 1.0

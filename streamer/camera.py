@@ -34,6 +34,8 @@ from zoneinfo import ZoneInfo
 import av.container
 import av.error
 
+from memory.outage import Outage
+from streamer.backoff import backoff_delay_s
 from streamer.frames import Chunk, ChunkBuilder, Frame, Sampler, StreamClock
 from streamer.settings import CameraSettings
 from streamer.sources import (
@@ -60,21 +62,8 @@ RATE_WINDOW_S = 5.0
 # After stop, how long run() waits for the decoder thread before leaving it (a daemon thread
 # blocked in a read ends by itself within read_timeout_s).
 THREAD_JOIN_S = 1.0
-# Share of a backoff delay that is randomised, so cameras behind one failed switch do not
-# reconnect in lockstep ("equal jitter").
-BACKOFF_JITTER = 0.5
 # An open that failed after this share of open_timeout_s was ended by the timeout.
 OPEN_TIMEOUT_SHARE = 0.95
-
-
-@dataclass(frozen=True, slots=True)
-class Outage:
-    """A time span in which a camera delivered no frames."""
-
-    camera: str
-    start_s: float
-    end_s: float | None  # None while still offline
-    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,16 +79,6 @@ class CameraStatus:
     reconnects: int
     last_frame_age_s: float | None  # seconds since the last decoded frame; None before the first
     error: str | None  # why the camera is reconnecting or failed
-
-
-def backoff_delay_s(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
-    """Delay before reconnect attempt ``attempt`` (0-based): exponential, capped, jittered.
-
-    The result lies in ``[(1 - BACKOFF_JITTER) * base, base]`` with ``base = min(max_s,
-    initial_s * 2**attempt)``, so it never exceeds ``max_s``.
-    """
-    base = min(max_s, initial_s * 2.0 ** min(attempt, 62))
-    return base * (1.0 - BACKOFF_JITTER * rng.random())
 
 
 class StalledError(Exception):
@@ -467,6 +446,11 @@ class CameraWorker:
             session.abort.set()
             if session.thread is not None and session.thread.is_alive():
                 await asyncio.to_thread(session.thread.join, THREAD_JOIN_S)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Cancelled (the daemon is failing): nobody takes chunks or states any more, and
+            # waiting on a full chunk queue here would keep the process alive.
+            return
         await self._flush()
         # Watching stops here; an outage still open ends with it (the gap after is vigil's, not the camera's).
         await self._end_outage(time.time())

@@ -1,9 +1,21 @@
-"""``vigil serve``: cameras → encoder → compressor → store, and the question service, in one TaskGroup.
+"""``vigil serve``: cameras → ingest → memory, and the question service, in one TaskGroup.
 
-Lifecycle (uvicorn-style): start-up (models, Redis, index, then cameras and the MQTT API) → serve
-→ staged shutdown on the first SIGTERM/SIGINT: stop the cameras (each flushes its partial chunk),
-store every chunk already sampled, save the index, publish ``offline``, exit 0. A second signal
-exits at once. An unexpected error in any task ends the process non-zero so systemd restarts it.
+Lifecycle (uvicorn-style):
+
+* start-up: the resources (models, Redis, index, encoder: streamer/resources.py), then the tasks.
+  Fresh camera states (``connecting``) and the daemon status are handed to the MQTT API before its
+  task starts, so the first thing a (re)started daemon publishes replaces what a crashed run left
+  retained. ``READY=1`` goes to systemd once the resources are up and the first broker attempt is
+  done or ``BROKER_READY_WAIT_S`` passed: a broker that is down delays nothing (cameras record,
+  chunks are stored) and the ``STATUS=`` text says it is unreachable until it connects.
+* serve, until the first SIGTERM/SIGINT.
+* staged shutdown: stop the cameras (each flushes its partial chunk), store every chunk already
+  sampled, publish the final states, then stop the background tasks and the API (``offline``);
+  the resources close last and save the index. Exit 0. A second signal exits at once (130).
+
+Every long-lived task returns on its stop event. An unexpected exception in any task ends the
+TaskGroup: the other tasks are cancelled, the resources still close (the index is saved) and the
+exception propagates, so the process exits non-zero and systemd restarts it.
 """
 
 from __future__ import annotations
@@ -15,117 +27,240 @@ import dataclasses
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Coroutine
 from enum import Enum
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import redis.exceptions
 import transformers
 
+from memory.store import MemoryStore
 from retrieval.answer import Answerer
+from retrieval.search import Retriever
 from streamer.camera import CameraStatus, CameraWorker
 from streamer.frames import Chunk
+from streamer.health import Health, assess, status_payload
+from streamer.ingest import IngestService
+from streamer.maintenance import Maintenance
 from streamer.mqtt_api import MqttApi
 from streamer.notify import Notifier
-from streamer.pipeline import Pipeline, open_pipeline
+from streamer.resources import open_resources
 from streamer.settings import Settings, load_settings
+from streamer.timefmt import iso_time
 from vlm.models import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
 CHUNK_QUEUE_SIZE = 4  # chunks waiting per camera; when full the camera's frame queue absorbs (and counts) drops
-STATUS_INTERVAL_S = 10.0  # camera states are re-published this often (fps and last-frame age keep moving)
+STATUS_INTERVAL_S = 10.0  # camera states and the status are re-published this often (rates and ages move)
+HEALTH_CHECK_S = 1.0  # how often health and the broker connection are looked at; changes go out at once
+# READY=1 waits this long for the first broker connection, so that a normal start reports a
+# connected broker; a broker that is down must not hold readiness (cameras record without it).
+BROKER_READY_WAIT_S = 3.0
 EXIT_FORCED = 130
 
 
-def status_payload(status: CameraStatus) -> dict[str, Any]:
-    """CameraStatus → JSON-ready dict for the retained state topic."""
+def camera_state_payload(status: CameraStatus, *, now_s: float, tz: ZoneInfo) -> dict[str, Any]:
+    """CameraStatus → JSON-ready dict for the retained state topic, stamped with its publication time."""
     payload = dataclasses.asdict(status)
-    return {key: (value.value if isinstance(value, Enum) else value) for key, value in payload.items()}
+    body = {key: (value.value if isinstance(value, Enum) else value) for key, value in payload.items()}
+    body["published_at"] = iso_time(now_s, tz)
+    return body
 
 
-async def _feed(queue: asyncio.Queue[Chunk | None], pipeline: Pipeline) -> None:
+async def _feed(queue: asyncio.Queue[Chunk | None], ingest: IngestService) -> None:
     """Store a camera's chunks in order until the end-of-stream marker (None)."""
     while (chunk := await queue.get()) is not None:
-        await pipeline.ingest(chunk)
+        await ingest.ingest(chunk)
 
 
-async def _publish_states(
-    workers: list[CameraWorker], publish: Callable[[CameraStatus], Awaitable[None]], stop: asyncio.Event
-) -> None:
-    while not stop.is_set():
-        for worker in workers:
-            await publish(worker.status())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=STATUS_INTERVAL_S)
+class StatusReporter:
+    """Camera states and the daemon's health and counters, on MQTT (retained) and for systemd."""
+
+    def __init__(
+        self,
+        api: MqttApi,
+        *,
+        ingest: IngestService,
+        store: MemoryStore,
+        workers: list[CameraWorker],
+        notifier: Notifier,
+        tz: ZoneInfo,
+        broker: str,
+    ) -> None:
+        self._api = api
+        self._ingest = ingest
+        self._store = store
+        self._workers = workers  # filled by the caller after construction (workers report through us)
+        self._notifier = notifier
+        self._tz = tz
+        self._broker = broker
+        self._health = Health("ok", None)
+        self._said: str | None = None  # the last STATUS= text sent
+
+    def health(self) -> Health:
+        return assess(self._ingest.failing(), self._store.pending, self._store.stats.dropped)
+
+    def systemd_status(self) -> str:
+        """The ``STATUS=`` text: what is served, the broker's state and the health."""
+        broker = "MQTT connected" if self._api.connected else f"MQTT broker {self._broker} unreachable, retrying"
+        text = f"serving {len(self._workers)} camera(s); {broker}"
+        if self._health.reason:
+            text += f"; degraded: {self._health.reason}"
+        return text
+
+    async def publish_camera(self, status: CameraStatus) -> None:
+        payload = camera_state_payload(status, now_s=time.time(), tz=self._tz)
+        await self._api.publish_camera_state(status.camera, payload)
+
+    async def publish(self) -> None:
+        """Every camera's state and the status, now."""
+        for worker in self._workers:
+            await self.publish_camera(worker.status())
+        await self.publish_status()
+
+    async def publish_status(self) -> None:
+        s = self._ingest.stats
+        payload = status_payload(
+            self._health, s, self._store.stats, self._store.pending, now_s=time.time(), tz=self._tz
+        )
+        await self._api.publish_status(payload)
+
+    def notify_systemd(self, *, ready: bool = False) -> None:
+        text = self.systemd_status()
+        if ready:
+            self._notifier.ready(text)
+        elif text != self._said:
+            self._notifier.status(text)
+        self._said = text
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until ``stop``: re-publish every STATUS_INTERVAL_S; publish a health change at once."""
+        last_published = time.monotonic()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=HEALTH_CHECK_S)
+            health = self.health()
+            changed = health != self._health
+            if changed:
+                if health.reason:
+                    logger.warning("health degraded: %s", health.reason)
+                else:
+                    logger.info("health ok again")
+                self._health = health
+            if self._said is not None:  # READY was sent: keep systemctl status current
+                self.notify_systemd()
+            if changed or time.monotonic() - last_published >= STATUS_INTERVAL_S:
+                last_published = time.monotonic()
+                await self.publish()
 
 
-async def _announce_ready(api_ready: asyncio.Event, notifier: Notifier, cameras: int) -> None:
-    """READY=1 once the broker is connected too (models, Redis and the index came first)."""
-    await api_ready.wait()
-    notifier.ready(f"serving {cameras} camera(s)")
-    logger.info("ready: %d camera(s), question service on MQTT", cameras)
+async def _announce_ready(api_ready: asyncio.Event, stop: asyncio.Event, reporter: StatusReporter) -> None:
+    """READY=1 after the first broker connection, or BROKER_READY_WAIT_S, or stop; whichever is first."""
+    waits = [asyncio.ensure_future(api_ready.wait()), asyncio.ensure_future(stop.wait())]
+    try:
+        await asyncio.wait(waits, timeout=BROKER_READY_WAIT_S, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+    reporter.notify_systemd(ready=True)
+    logger.info("ready: %s", reporter.systemd_status())
+
+
+def _spawn(tg: asyncio.TaskGroup, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    """A named task of the group whose unexpected end is logged with its name."""
+    task = tg.create_task(coro, name=name)
+
+    def report(done: asyncio.Task[None]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            logger.critical("task %s failed: the daemon stops", name, exc_info=done.exception())
+
+    task.add_done_callback(report)
+    return task
 
 
 async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notifier | None = None) -> None:
     """Run until ``stop`` is set, then shut down in stages. Raises on unexpected failures."""
     notifier = notifier or Notifier()
     notifier.status("loading models and memory")
+    tz = settings.tz
     async with contextlib.AsyncExitStack() as stack:
-        pipeline = await stack.enter_async_context(open_pipeline(settings))
+        res = await stack.enter_async_context(open_resources(settings))
+        if stop.is_set():
+            logger.info("stop requested during start-up: not serving")
+            return
+        retrieval = settings.retrieval
+        retriever = Retriever(
+            res.embedder,
+            res.store,
+            res.index.index,
+            top_k=retrieval.top_k,
+            recent_chunks=retrieval.recent_chunks,
+            max_chunks=retrieval.max_prompt_chunks,
+        )
         answerer = Answerer(
-            pipeline.vlm,
-            pipeline.embedder,
-            pipeline.store,
-            pipeline.index,
-            tz=settings.tz,
-            top_k=settings.retrieval.top_k,
-            recent_chunks=settings.retrieval.recent_chunks,
-            max_prompt_chunks=settings.retrieval.max_prompt_chunks,
+            res.vlm,
+            retriever,
+            tz=tz,
             max_new_tokens=settings.models.max_new_tokens,
             generation_timeout_s=settings.models.generation_timeout_s,
         )
         stack.callback(answerer.close)
-        cameras = {name: cam for name, cam in settings.cameras.items() if cam.enabled}
-        api = MqttApi(settings.mqtt, tz=settings.tz, cameras=list(settings.cameras), answer=answerer.answer)
+        ingest = IngestService(encoder=res.encoder, store=res.store, index=res.index, compression=settings.compression)
+        stack.callback(ingest.log_summary)
+        maintenance = Maintenance(
+            res.store, res.index, {name: cam.retention_days for name, cam in settings.cameras.items()}
+        )
+        api = MqttApi(settings.mqtt, tz=tz, cameras=list(settings.cameras), answer=answerer.answer)
 
-        async def publish(status: CameraStatus) -> None:
-            await api.publish_camera_state(status.camera, status_payload(status))
+        cameras = {name: cam for name, cam in settings.cameras.items() if cam.enabled}
+        queues: dict[str, asyncio.Queue[Chunk | None]] = {
+            name: asyncio.Queue(maxsize=CHUNK_QUEUE_SIZE) for name in cameras
+        }
+        workers: list[CameraWorker] = []
+        broker = f"{settings.mqtt.host}:{settings.mqtt.port}"
+        reporter = StatusReporter(
+            api, ingest=ingest, store=res.store, workers=workers, notifier=notifier, tz=tz, broker=broker
+        )
+        for name, cam in cameras.items():
+            workers.append(
+                CameraWorker(
+                    name,
+                    cam,
+                    tz=tz,
+                    on_chunk=queues[name].put,
+                    on_outage=ingest.record_outage,
+                    on_state=reporter.publish_camera,
+                )
+            )
+        # Before the API connects: these replace, first thing, what a crashed run left retained.
+        for worker in workers:
+            await reporter.publish_camera(dataclasses.replace(worker.status(), state="connecting"))
+        await reporter.publish_status()
 
         api_stop, api_ready = asyncio.Event(), asyncio.Event()
         cameras_stop, background_stop = asyncio.Event(), asyncio.Event()
-        retention_days = {name: cam.retention_days for name, cam in settings.cameras.items()}
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(api.run(api_stop, api_ready), name="mqtt")
-            tg.create_task(_announce_ready(api_ready, notifier, len(cameras)), name="ready")
-            tg.create_task(notifier.run_watchdog(background_stop), name="watchdog")
-            tg.create_task(pipeline.run_maintenance(background_stop, retention_days), name="maintenance")
-
-            workers: list[CameraWorker] = []
-            camera_tasks: list[asyncio.Task[None]] = []
-            feed_tasks: list[asyncio.Task[None]] = []
-            queues: list[asyncio.Queue[Chunk | None]] = []
-            for name, cam in cameras.items():
-                queue: asyncio.Queue[Chunk | None] = asyncio.Queue(maxsize=CHUNK_QUEUE_SIZE)
-                worker = CameraWorker(
-                    name, cam, tz=settings.tz, on_chunk=queue.put, on_outage=pipeline.record_outage, on_state=publish
-                )
-                workers.append(worker)
-                queues.append(queue)
-                camera_tasks.append(tg.create_task(worker.run(cameras_stop), name=f"camera:{name}"))
-                feed_tasks.append(tg.create_task(_feed(queue, pipeline), name=f"ingest:{name}"))
-            tg.create_task(_publish_states(workers, publish, background_stop), name="camera-states")
+            _spawn(tg, api.run(api_stop, api_ready), "mqtt")
+            _spawn(tg, notifier.run_watchdog(background_stop), "watchdog")
+            _spawn(tg, maintenance.run(background_stop), "maintenance")
+            _spawn(tg, res.store.run_retry_loop(background_stop), "store:retry")
+            camera_tasks = [_spawn(tg, w.run(cameras_stop), f"camera:{w.name}") for w in workers]
+            feed_tasks = [_spawn(tg, _feed(queues[name], ingest), f"ingest:{name}") for name in cameras]
+            _spawn(tg, reporter.run(background_stop), "status")
+            await _announce_ready(api_ready, stop, reporter)
 
             await stop.wait()
             logger.info("stopping: cameras first, then storing the chunks already sampled")
             notifier.stopping("storing sampled chunks")
             cameras_stop.set()
             await asyncio.gather(*camera_tasks)
-            for queue in queues:
+            for queue in queues.values():
                 await queue.put(None)
             await asyncio.gather(*feed_tasks)
-            for worker in workers:  # the final state ("stopped") stays retained for `vigil status`
-                await publish(worker.status())
+            await reporter.publish()  # the final states ("stopped") stay retained for `vigil status`
             background_stop.set()
             api_stop.set()
     logger.info("stopped")

@@ -53,6 +53,7 @@ from streamer.sources import (
     sampled,
     timestamped,
 )
+from streamer.timefmt import BadTimeError, parse_time
 
 log = logging.getLogger(__name__)
 
@@ -303,17 +304,6 @@ async def import_file(
 # --------------------------------------------------------------------------- CLI
 
 
-def parse_start(text: str | None, tz: ZoneInfo) -> float | None:
-    """ISO 8601 text → UTC epoch seconds; a naive time is in ``tz``."""
-    if text is None:
-        return None
-    try:
-        stamp = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise ValueError(f"--start {text!r} is not an ISO 8601 time (e.g. 2026-05-01T14:30:00)") from exc
-    return (stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=tz)).timestamp()
-
-
 def probe_file(path: str | Path) -> None:
     """Raise ImportFileError unless ``path`` opens as a video (cheap: header only)."""
     try:
@@ -337,9 +327,9 @@ def cli_import(args: argparse.Namespace) -> int:
         print(f"invalid camera name {args.camera!r}: use 1-64 characters of a-z, 0-9, '_' or '-'", file=sys.stderr)
         return 2
     try:
-        start_s = parse_start(args.start, tz)
-    except ValueError as exc:
-        print(str(exc), file=sys.stderr)
+        start_s = None if args.start is None else parse_time(args.start, tz)
+    except BadTimeError as exc:
+        print(f"--start: {exc}", file=sys.stderr)
         return 2
     try:
         probe_file(args.file)
@@ -348,19 +338,27 @@ def cli_import(args: argparse.Namespace) -> int:
         return 1
     cam_settings = settings.cameras.get(args.camera) or CameraSettings(url=args.file)
 
-    from streamer.pipeline import open_pipeline  # noqa: PLC0415 - loads models: import only when used
+    # These load models: imported only when an import really runs.
+    from streamer.ingest import IngestService  # noqa: PLC0415
+    from streamer.resources import open_resources  # noqa: PLC0415
 
     async def run() -> ImportResult:
-        async with open_pipeline(settings) as pipeline:
-            return await import_file(
-                args.file,
-                args.camera,
-                cam_settings,
-                start_s=start_s,
-                tz=tz,
-                on_chunk=pipeline.ingest,
-                progress=not args.no_progress,
+        async with open_resources(settings) as res:
+            ingest = IngestService(
+                encoder=res.encoder, store=res.store, index=res.index, compression=settings.compression
             )
+            try:
+                return await import_file(
+                    args.file,
+                    args.camera,
+                    cam_settings,
+                    start_s=start_s,
+                    tz=tz,
+                    on_chunk=ingest.ingest,
+                    progress=not args.no_progress,
+                )
+            finally:
+                ingest.log_summary()
 
     try:
         result = asyncio.run(run())

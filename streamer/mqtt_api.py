@@ -29,7 +29,7 @@ import random
 import socket
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -39,8 +39,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from retrieval.answer import Answer, Question
-from retrieval.search import BadTimeError, iso_time, parse_window
+from streamer.backoff import backoff_delays
 from streamer.settings import MqttSettings
+from streamer.timefmt import BadTimeError, iso_time, parse_window
 
 log = logging.getLogger(__name__)
 
@@ -155,14 +156,6 @@ def error_payload(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
 
-def backoff_delays(initial_s: float, max_s: float, rng: random.Random) -> Iterator[float]:
-    """Exponential backoff with jitter: initial, 2×, 4× … capped at ``max_s``, each scaled by [0.5, 1)."""
-    delay = initial_s
-    while True:
-        yield delay * rng.uniform(0.5, 1.0)
-        delay = min(delay * 2.0, max_s)
-
-
 async def _first_of(*tasks: asyncio.Future[Any]) -> None:
     """Wait until one of ``tasks`` is done, then cancel the others and wait for them to end."""
     try:
@@ -195,7 +188,9 @@ class MqttApi:
         prefix = settings.topic_prefix
         self.ask_topic = f"{prefix}/ask"
         self.available_topic = f"{prefix}/available"
+        self.status_topic = f"{prefix}/status"
         self._states: dict[str, bytes] = {}
+        self._status: bytes | None = None  # the daemon's retained status, re-published on connect
         self._outbox: deque[_Outgoing] = deque()
         self._outbox_size = outbox_size
         self._jobs: set[asyncio.Task[None]] = set()
@@ -257,7 +252,7 @@ class MqttApi:
             max_queued_incoming_messages=INBOX_SIZE,
             tls_params=tls_params,
             # Without TCP_NODELAY a QoS 1 round trip waits ~40-88 ms on Nagle + delayed ACK
-            # (environment-notes §6); the broker side is set in configs/mosquitto.conf.
+            # (docs/api.md, Latency); the broker side is set in configs/mosquitto.conf.
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
 
@@ -320,6 +315,8 @@ class MqttApi:
         self._client = client
         for camera, payload in list(self._states.items()):
             await client.publish(self._state_topic(camera), payload, qos=QOS, retain=True)
+        if self._status is not None:
+            await client.publish(self.status_topic, self._status, qos=QOS, retain=True)
         await self._flush_outbox()
         await client.publish(self.available_topic, b"online", qos=QOS, retain=True)
         log.info(
@@ -394,6 +391,18 @@ class MqttApi:
         except aiomqtt.MqttError as exc:
             # Remembered above; _on_connect publishes it again.
             log.debug("camera state of %s not published now (%s); will be after reconnect", camera, exc)
+
+    async def publish_status(self, status: dict[str, Any]) -> None:
+        """Retain the daemon's ``status`` (health, counters) now if connected, and after every reconnect."""
+        payload = json.dumps(status, separators=(",", ":"), default=str).encode()
+        self._status = payload
+        client = self._client
+        if client is None:
+            return
+        try:
+            await client.publish(self.status_topic, payload, qos=QOS, retain=True, timeout=CONNECT_TIMEOUT_S)
+        except aiomqtt.MqttError as exc:
+            log.debug("status not published now (%s); will be after reconnect", exc)
 
     async def _send(self, out: _Outgoing) -> None:
         """Publish now, or keep it in the outbox until the next connection.

@@ -33,7 +33,7 @@ from paho.mqtt.properties import Properties
 from memory.index import VectorIndex
 from memory.store import MemoryStore
 from streamer.daemon import run_daemon
-from streamer.pipeline import index_path_for
+from streamer.resources import index_path_for
 from streamer.settings import Settings
 from tests.plugins.brokers import PrivateBroker, retained
 from tests.plugins.net import free_port

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from streamer.frames import Chunk
-from streamer.importer import ImportFileError, cli_import, import_file, iter_chunks, parse_start
+from streamer.importer import ImportFileError, cli_import, import_file, iter_chunks
 from streamer.settings import CameraSettings
 from streamer.sources import DecodeStats
+from streamer.timefmt import BadTimeError, parse_time
 
 DATA = Path(__file__).parent / "data"
 CAR = DATA / "car-detection.mp4"  # 30.16 s, 12.5 fps, creation_time 2018-04-19T22:46:00Z
@@ -79,10 +80,10 @@ async def test_configured_naive_start_is_in_the_configured_zone() -> None:
     zone = ZoneInfo("Europe/Berlin")
     chunks = list(iter_chunks(CAR, "lot", settings, tz=zone))
     assert chunks[0].start_s == datetime(2026, 1, 2, 8, 0, tzinfo=zone).timestamp()
-    assert parse_start("2026-01-02T08:00:00", zone) == chunks[0].start_s
-    assert parse_start("2026-01-02T07:00:00Z", zone) == chunks[0].start_s
-    with pytest.raises(ValueError, match="ISO 8601"):
-        parse_start("yesterday", zone)
+    assert parse_time("2026-01-02T08:00:00", zone) == chunks[0].start_s  # how --start is read
+    assert parse_time("2026-01-02T07:00:00Z", zone) == chunks[0].start_s
+    with pytest.raises(BadTimeError, match="ISO 8601"):
+        parse_time("yesterday", zone)
 
 
 def test_skipping_undecoded_gops_samples_exactly_the_frames_decode_all_samples() -> None:

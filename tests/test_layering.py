@@ -46,7 +46,8 @@ def test_package_imports_only_the_layers_below(package: str) -> None:
         for line, target in imported_packages(path)
         if target != package and target not in ALLOWED[package]
     ]
-    assert not wrong, f"{package}/ may import only {sorted(ALLOWED[package]) or 'nothing of ours'}:\n" + "\n".join(wrong)
+    allowed = sorted(ALLOWED[package]) or "nothing of ours"
+    assert not wrong, f"{package}/ may import only {allowed}:\n" + "\n".join(wrong)
 
 
 def test_the_check_sees_a_violation(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 import socket
 import sys
 import uuid
@@ -24,7 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from retrieval.answer import Answer, Citation, Question
-from streamer.mqtt_api import MqttApi, backoff_delays
+from streamer.mqtt_api import MqttApi
 from streamer.settings import MqttSettings
 from tests.plugins.brokers import retained
 
@@ -144,14 +143,6 @@ class Requester:
 
 
 # --------------------------------------------------------------------------- requests
-
-
-def test_backoff_doubles_to_the_cap_with_jitter():
-    delays = backoff_delays(0.5, 4.0, random.Random(1))
-    got = [next(delays) for _ in range(8)]
-    nominal = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0, 4.0]
-    assert all(n * 0.5 <= d < n for d, n in zip(got, nominal, strict=True))
-    assert len(set(got[3:])) == 5  # jittered: no two capped delays alike
 
 
 async def test_v5_request_is_answered_on_response_topic_with_correlation(broker, prefix):
@@ -312,7 +303,7 @@ async def test_online_and_states_are_retained_and_offline_after_clean_stop(broke
 SERVICE_SCRIPT = """
 import asyncio, sys
 from zoneinfo import ZoneInfo
-from streamer.mqtt_api import MqttApi, backoff_delays
+from streamer.mqtt_api import MqttApi
 from streamer.settings import MqttSettings
 from tests.plugins.brokers import retained
 

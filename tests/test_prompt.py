@@ -11,10 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from memory.outage import Outage
 from memory.types import CompressedChunk, TokenKind
 from retrieval.answer import StreamTrimmer
 from retrieval.prompt import NO_MEMORY, build_prompt, format_span, token_order
-from retrieval.search import OfflineRange
 from vlm.types import TextPart, VisualPart
 
 TZ = ZoneInfo("Europe/Berlin")
@@ -82,7 +82,7 @@ def test_prompt_orders_chunks_by_time_and_ends_with_the_question():
     t0 = datetime(2026, 11, 20, 10, 0, 0, tzinfo=TZ).timestamp()
     late = Item("garage", t0 + 60, t0 + 68, make_chunk(12, 8, t0=t0 + 60, seed=1))
     early = Item("front_door", t0, t0 + 8, make_chunk(10, 8, t0=t0, seed=2))
-    outage = OfflineRange("garage", t0 + 10, t0 + 40, "connection refused")
+    outage = Outage("garage", t0 + 10, t0 + 40, "connection refused")
     parts = build_prompt("  Who came to the door? ", [late, early], [outage], tz=TZ)
 
     texts = [p.text for p in parts if isinstance(p, TextPart)]

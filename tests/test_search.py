@@ -13,18 +13,15 @@ import pytest
 
 from memory.codec import encode_chunk
 from memory.index import VectorIndex
-from memory.store import ChunkMeta, MemoryStore, OutageRecord
+from memory.outage import Outage
+from memory.store import ChunkMeta, MemoryStore
 from retrieval.answer import Answerer, Question
 from retrieval.search import (
-    BadTimeError,
     Candidate,
-    OfflineRange,
     Retriever,
     clip_outages,
     dedupe,
     is_about_now,
-    iso_time,
-    parse_window,
     select,
 )
 from tests.test_prompt import make_chunk
@@ -56,20 +53,6 @@ def test_about_now_rule(question, window, expected):
     assert is_about_now(question, *window) is expected
 
 
-def test_window_parsing_naive_in_zone_and_offsets_kept():
-    after, before = parse_window("2026-11-20T10:00:00", "2026-11-20T10:00:00Z", TZ)
-    assert after == T0
-    assert before == T0 + 3600  # 10:00 UTC is 11:00 in Berlin
-    assert parse_window(None, None, TZ) == (None, None)
-    assert iso_time(T0, TZ) == "2026-11-20T10:00:00.000+01:00"
-    with pytest.raises(BadTimeError, match="ISO 8601"):
-        parse_window("last tuesday", None, TZ)
-    with pytest.raises(BadTimeError, match="string"):
-        parse_window(1700000000, None, TZ)
-    with pytest.raises(BadTimeError, match="earlier"):
-        parse_window("2026-11-20T11:00", "2026-11-20T10:00", TZ)
-
-
 def cand(camera: str, cid: int, start: float, score: float, *, length: float = 8.0, fresh: bool = False):
     return Candidate(camera, cid, start, start + length, score, fresh)
 
@@ -96,15 +79,15 @@ def test_select_keeps_fresh_then_best_hits_in_time_order():
 
 def test_outages_are_clipped_to_the_window():
     outages = [
-        OutageRecord("a", 10.0, 20.0, "eof"),
-        OutageRecord("b", 50.0, None, "refused"),  # still offline
-        OutageRecord("a", 200.0, 300.0, "after the window"),
+        Outage("a", 10.0, 20.0, "eof"),
+        Outage("b", 50.0, None, "refused"),  # still offline
+        Outage("a", 200.0, 300.0, "after the window"),
     ]
     assert clip_outages(outages, 15.0, 100.0) == [
-        OfflineRange("a", 15.0, 20.0, "eof"),
-        OfflineRange("b", 50.0, 100.0, "refused"),
+        Outage("a", 15.0, 20.0, "eof"),
+        Outage("b", 50.0, 100.0, "refused"),
     ]
-    assert clip_outages(outages, 250.0, None)[-1] == OfflineRange("b", 250.0, None, "refused")
+    assert clip_outages(outages, 250.0, None)[-1] == Outage("b", 250.0, None, "refused")
 
 
 # --------------------------------------------------------------------------- with Redis and models
@@ -128,7 +111,7 @@ async def fill(store: MemoryStore, index: VectorIndex, embedder, c: int) -> dict
         assert await store.put_chunk(meta, encode_chunk(chunk), vector)
         index.add(meta, vector)
         metas[key] = meta
-    await store.put_outage(OutageRecord("garage", T0 + 20.0, T0 + 50.0, "connection refused"))
+    await store.put_outage(Outage("garage", T0 + 20.0, T0 + 50.0, "connection refused"))
     return metas
 
 
@@ -161,18 +144,8 @@ async def test_retriever_filters_fetches_and_reports_outages(memory, tiny_embedd
 
 
 def make_answerer(vlm, embedder, store, index, *, max_new_tokens: int) -> Answerer:
-    return Answerer(
-        vlm,
-        embedder,
-        store,
-        index,
-        tz=TZ,
-        top_k=2,
-        recent_chunks=1,
-        max_prompt_chunks=4,
-        max_new_tokens=max_new_tokens,
-        generation_timeout_s=30.0,
-    )
+    retriever = Retriever(embedder, store, index, top_k=2, recent_chunks=1, max_chunks=4)
+    return Answerer(vlm, retriever, tz=TZ, max_new_tokens=max_new_tokens, generation_timeout_s=30.0)
 
 
 async def test_answerer_answers_with_citations_and_streams(memory, tiny_embedder, tiny_vlm):

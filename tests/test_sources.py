@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import random
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamer.camera import backoff_delay_s
 from streamer.frames import MAX_PTS_STEP_S, ChunkBuilder, Frame, Sampler, StreamClock, unwrap_pts
 from streamer.settings import CameraSettings
 from streamer.sources import MPEGTS_WRAP_S, SourceError, parse_source, redact
@@ -256,17 +254,3 @@ def test_bad_urls_raise_a_clear_source_error(url: str, message: str) -> None:
 def test_redact_leaves_urls_without_password_alone() -> None:
     assert redact("rtsp://cam:554/x") == "rtsp://cam:554/x"
     assert redact("rtsp://user@cam/x") == "rtsp://user@cam/x"
-
-
-# --------------------------------------------------------------------------- backoff
-
-
-def test_backoff_grows_exponentially_with_jitter_and_respects_the_cap() -> None:
-    rng = random.Random(1)
-    for attempt in range(12):
-        base = min(8.0, 0.5 * 2**attempt)
-        delays = [backoff_delay_s(attempt, 0.5, 8.0, rng) for _ in range(50)]
-        assert all(base / 2 <= d <= base for d in delays)
-        assert len(set(delays)) > 1  # jittered
-    assert backoff_delay_s(10_000, 1.0, 30.0, rng) <= 30.0
-    assert math.isfinite(backoff_delay_s(10_000, 1.0, 30.0, rng))

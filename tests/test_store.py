@@ -13,7 +13,8 @@ from redis.crc import key_slot
 
 from memory.index import VectorIndex
 from memory.keys import RedisKeys
-from memory.store import ChunkMeta, MemoryStore, OutageRecord, chunk_id_for
+from memory.outage import Outage
+from memory.store import ChunkMeta, MemoryStore, chunk_id_for
 
 DIM = 16
 T0 = 1_700_000_000.0
@@ -112,7 +113,7 @@ async def test_bad_input_is_refused_and_nothing_written(redis_client, prefix) ->
     with pytest.raises(TypeError, match="payload must be bytes"):
         await store.put_chunk(good, "text", _vec(0))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="before start_s"):
-        await store.put_outage(OutageRecord("front", T0, T0 - 1, "x"))
+        await store.put_outage(Outage("front", T0, T0 - 1, "x"))
     assert [k async for k in redis_client.scan_iter(match=f"{prefix}*")] == []
     assert store.pending == 0
     assert store.stats.written == store.stats.buffered == 0
@@ -122,7 +123,7 @@ async def test_keys_carry_camera_hash_tag_and_share_a_slot(redis_client, prefix)
     store = MemoryStore(redis_client, key_prefix=prefix)
     for camera in ("front-door", "back_yard", "cam7"):
         await _put_series(store, camera, 3)
-        await store.put_outage(OutageRecord(camera, T0 - 50, T0 - 10, "stream ended"))
+        await store.put_outage(Outage(camera, T0 - 50, T0 - 10, "stream ended"))
     keys = [k.decode() async for k in redis_client.scan_iter(match=f"{prefix}*")]
     assert len(keys) == 1 + 3 * (1 + 3 + 1)  # cameras set + per camera: timeline, chunks, outages
     slots: dict[str, set[int]] = {}
@@ -144,9 +145,9 @@ async def test_keys_carry_camera_hash_tag_and_share_a_slot(redis_client, prefix)
 
 async def test_outages_put_update_and_query(redis_client, prefix) -> None:
     store = MemoryStore(redis_client, key_prefix=prefix)
-    await store.put_outage(OutageRecord("front", T0 + 100, None, "connection refused"))
-    await store.put_outage(OutageRecord("back", T0 + 50, T0 + 60, "stalled"))
-    await store.put_outage(OutageRecord("front", T0 + 10, T0 + 20, "stalled"))
+    await store.put_outage(Outage("front", T0 + 100, None, "connection refused"))
+    await store.put_outage(Outage("back", T0 + 50, T0 + 60, "stalled"))
+    await store.put_outage(Outage("front", T0 + 10, T0 + 20, "stalled"))
     everything = await store.outages()
     assert [(o.camera, o.start_s) for o in everything] == [
         ("front", T0 + 10),
@@ -155,10 +156,10 @@ async def test_outages_put_update_and_query(redis_client, prefix) -> None:
     ]
     # An open outage overlaps every later window; updating it (same start) replaces the record.
     assert [o.start_s for o in await store.outages(["front"], T0 + 500, T0 + 600)] == [T0 + 100]
-    await store.put_outage(OutageRecord("front", T0 + 100, T0 + 130, "connection refused"))
+    await store.put_outage(Outage("front", T0 + 100, T0 + 130, "connection refused"))
     assert await store.outages(["front"], T0 + 500, T0 + 600) == []
     assert await store.outages(["front"], T0 + 125, None) == [
-        OutageRecord("front", T0 + 100, T0 + 130, "connection refused")
+        Outage("front", T0 + 100, T0 + 130, "connection refused")
     ]
     assert [o.camera for o in await store.outages(["back"], T0, T0 + 55)] == ["back"]
     assert await store.outages(["back"], T0 + 60, None) == []
@@ -168,8 +169,8 @@ async def test_retention_deletes_old_chunks_in_redis_and_index(redis_client, pre
     store = MemoryStore(redis_client, key_prefix=prefix)
     front = await _put_series(store, "front", 30)
     back = await _put_series(store, "back", 10)
-    await store.put_outage(OutageRecord("front", T0 - 100, T0 - 90, "stalled"))
-    await store.put_outage(OutageRecord("front", T0 + 200, T0 + 210, "stalled"))
+    await store.put_outage(Outage("front", T0 - 100, T0 - 90, "stalled"))
+    await store.put_outage(Outage("front", T0 + 200, T0 + 210, "stalled"))
     index = VectorIndex(DIM)
     assert await index.catch_up(store) == (40, 0)
 
@@ -225,7 +226,7 @@ async def test_writes_buffered_while_redis_is_away_then_flushed(private_redis, p
         away = [_meta("front", T0 + 100 + i * CHUNK_S) for i in range(5)]
         for i, meta in enumerate(away):
             assert not await store.put_chunk(meta, _payload(meta), _vec(i))
-        assert not await store.put_outage(OutageRecord("front", T0 + 99, None, "redis test"))
+        assert not await store.put_outage(Outage("front", T0 + 99, None, "redis test"))
         assert store.pending == 6
         assert await store.flush_pending() == 0  # still away
         assert store.pending == 6

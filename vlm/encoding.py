@@ -107,7 +107,7 @@ class BatchEncoder:
     async def __aenter__(self) -> Self:
         self._queue = asyncio.Queue(maxsize=self._queue_requests)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-encoder")
-        self._collector = asyncio.create_task(self._collect(), name="encoder:collector")
+        self._collector = asyncio.create_task(self._collect(self._queue), name="encoder:collector")
         logger.info(
             "encoder started: batches of up to %d frames, wait %.0f ms",
             self._max_frames,
@@ -147,9 +147,9 @@ class BatchEncoder:
 
     # ---- collector (loop side)
 
-    async def _collect(self) -> None:
-        assert self._queue is not None
-        queue = self._queue
+    async def _collect(self, queue: asyncio.Queue[_Request | None]) -> None:
+        # The queue is handed over, not read from self: __aexit__ clears self._queue, possibly
+        # before this task first runs (an encoder opened and closed at once).
         loop = asyncio.get_running_loop()
         stopping = False
         while not stopping:

@@ -1,56 +1,51 @@
 """Chunks of frames → memory: skip unchanged frames, encode, compress, embed, store, index.
 
-One ``Pipeline`` serves every camera of a daemon (or one ``vigil import``). Per camera it keeps
-the state that streaming needs between chunks: the compressor's run heads, the thumbnail of the
-last encoded frame (for the skip check) and that frame's encoding (reused when a chunk starts
-unchanged). The models run on the BatchEncoder's own thread; Redis writes go through
-MemoryStore's retry buffer; the FAISS index is updated in memory and saved atomically by
-``run_maintenance`` and on exit.
+One ``IngestService`` serves every camera of a daemon (or one ``vigil import``). It is given what
+it uses (the batch encoder, the store, the index) and owns none of it: ``streamer/resources.py``
+opens and closes those. Per camera it keeps the state that streaming needs between chunks: the
+compressor's run heads, the thumbnail of the last encoded frame (for the skip check) and that
+frame's encoding (reused when a chunk starts unchanged).
+
+Failures: a chunk that cannot be stored for a reason we expect (frames the encoder refuses, a
+chunk that fails validation, a write Redis refuses) is logged, counted and the camera goes on; a
+camera whose chunks keep failing is reported by :meth:`IngestService.failing` (the daemon's
+``health``). Anything else is a bug and propagates, ending the daemon so systemd restarts it.
+Redis being away is not a failure here: the store buffers the write and retries it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import faiss
 import numpy as np
-import redis.asyncio as aioredis
+import redis.exceptions
 import torch
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from memory.baselines import random_keep, uniform_pool
 from memory.codec import VERSION as CODEC_VERSION
 from memory.codec import encode_chunk
 from memory.compress import CompressorConfig, CompressorState, compress_chunk
-from memory.index import VectorIndex
+from memory.outage import Outage
 from memory.skip import plan_skips, thumbnail
-from memory.store import ChunkMeta, MemoryStore, OutageRecord
+from memory.store import ChunkMeta, MemoryStore
 from memory.types import CompressedChunk
-from streamer.camera import Outage
 from streamer.frames import Chunk
-from streamer.settings import CompressionSettings, Settings
-from vlm.embedder import Embedder, load_embedder
+from streamer.resources import IndexFile
+from streamer.settings import CompressionSettings
 from vlm.encoding import BatchEncoder
-from vlm.models import VisionLanguageModel, load_vlm
 
 logger = logging.getLogger(__name__)
 
-INDEX_SAVE_INTERVAL_S = 60.0  # the index is derived from Redis: a stale file only costs catch-up time
-RETENTION_INTERVAL_S = 600.0  # retention is by days; checking every 10 minutes is plenty
-SECONDS_PER_DAY = 86400.0
-REDIS_TIMEOUT_S = 5.0  # a Redis that does not answer within this is treated as away
-REDIS_RETRY_CAP_S = 1.0
-# Filtered searches score small contiguous slices; OpenMP's thread start-up costs more than it
-# saves there, and the cores are better left to the encoder and generation threads
-# (docs/storage.md: 12x slower p50 at 10k vectors with 2 threads on a busy 2-core machine).
-FAISS_THREADS = 1
+# Errors that mean "this chunk cannot be stored", not "vigil is broken": frames the encoder
+# refuses (vlm.preprocess.FrameError is a ValueError), a chunk the store's validation refuses
+# (ValueError, TypeError), a write Redis refuses (WRONGTYPE, say: a RedisError that is not one of
+# the "Redis is away" errors, which the store buffers instead of raising).
+CHUNK_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, redis.exceptions.RedisError)
+# A camera whose last this many chunks all failed makes the daemon report itself degraded: one
+# failed chunk is an incident, a run of them is a camera that is not being remembered.
+FAILING_AFTER_CHUNKS = 3
 
 
 @dataclass
@@ -64,18 +59,26 @@ class _CameraMemory:
     last_embedding: np.ndarray | None = None  # [1, D]
     grid: tuple[int, int] | None = None  # (rows, cols) of the encoder's token grid
     random: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+    failures_in_a_row: int = 0
+    last_error: str | None = None
 
 
 @dataclass
-class PipelineStats:
-    """Counters for the shutdown summary and the status topic."""
+class IngestStats:
+    """Counters since start, for the shutdown summary and the status topic."""
 
-    chunks: int = 0
-    frames: int = 0
-    frames_encoded: int = 0
+    chunks: int = 0  # chunks stored (or buffered for Redis)
+    frames: int = 0  # sampled frames of those chunks
+    frames_encoded: int = 0  # of which went through the encoder (the rest: unchanged, skipped)
     tokens_in: int = 0
     tokens_kept: int = 0
     failed_chunks: int = 0
+    encoding_chunks: int = 0  # chunks waiting for the batch encoder right now
+
+    @property
+    def frames_skipped(self) -> int:
+        """Sampled frames that reused an earlier encoding instead of going through the encoder."""
+        return self.frames - self.frames_encoded
 
 
 def frame_spans(times_s: np.ndarray, end_s: float) -> tuple[np.ndarray, np.ndarray]:
@@ -97,26 +100,20 @@ def chunk_vector(embeddings: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return (mean / norm if norm > 0 else mean).astype(np.float32)
 
 
-class Pipeline:
-    """``await pipeline.ingest(chunk)`` for every chunk of every camera."""
+class IngestService:
+    """``await ingest.ingest(chunk)`` for every chunk of every camera."""
 
     def __init__(
         self,
         *,
-        vlm: VisionLanguageModel,
-        embedder: Embedder,
         encoder: BatchEncoder,
         store: MemoryStore,
-        index: VectorIndex,
-        index_path: Path,
+        index: IndexFile,
         compression: CompressionSettings,
     ) -> None:
-        self.vlm = vlm
-        self.embedder = embedder
-        self.encoder = encoder
-        self.store = store
-        self.index = index
-        self.index_path = index_path
+        self._encoder = encoder
+        self._store = store
+        self._index = index
         self._compression = compression
         thresholds = {
             name: value
@@ -125,27 +122,56 @@ class Pipeline:
         }
         self._config = CompressorConfig(keep_ratio=compression.keep_ratio, **thresholds)
         self._cameras: dict[str, _CameraMemory] = {}
-        self._index_dirty = False
-        self.stats = PipelineStats()
+        self.stats = IngestStats()
 
     async def ingest(self, chunk: Chunk) -> ChunkMeta | None:
-        """Remember one chunk; returns its metadata, or None when the chunk could not be encoded.
+        """Remember one chunk; returns its metadata, or None when it could not be stored.
 
-        A chunk that fails (a broken model call, say) is logged and counted; the camera goes on.
+        Expected failures (``CHUNK_ERRORS``) are logged and counted and the camera goes on;
+        anything else propagates.
         """
         if not chunk.frames:
             return None
-        try:
-            return await self._ingest(chunk)
-        except Exception:
-            self.stats.failed_chunks += 1
-            logger.exception(
-                "camera %s: chunk %d (%d frames) could not be stored", chunk.camera, chunk.seq, len(chunk.frames)
-            )
-            return None
-
-    async def _ingest(self, chunk: Chunk) -> ChunkMeta:
         mem = self._cameras.setdefault(chunk.camera, _CameraMemory())
+        try:
+            meta = await self._ingest(chunk, mem)
+        except CHUNK_ERRORS as exc:
+            self.stats.failed_chunks += 1
+            mem.failures_in_a_row += 1
+            mem.last_error = f"{type(exc).__name__}: {exc}"
+            logger.warning(
+                "camera %s: chunk %d (%d frames) not stored: %s",
+                chunk.camera, chunk.seq, len(chunk.frames), mem.last_error,
+            )  # fmt: skip
+            return None
+        if mem.failures_in_a_row:
+            logger.info("camera %s: chunks stored again after %d failed", chunk.camera, mem.failures_in_a_row)
+        mem.failures_in_a_row = 0
+        return meta
+
+    def failing(self) -> dict[str, str]:
+        """Cameras whose last ``FAILING_AFTER_CHUNKS`` or more chunks all failed → why (the last error)."""
+        return {
+            camera: f"{mem.failures_in_a_row} chunks in a row not stored, last: {mem.last_error}"
+            for camera, mem in sorted(self._cameras.items())
+            if mem.failures_in_a_row >= FAILING_AFTER_CHUNKS
+        }
+
+    async def record_outage(self, outage: Outage) -> None:
+        """Store an outage (called when it starts and again when it ends); a refused write is logged."""
+        try:
+            await self._store.put_outage(outage)
+        except redis.exceptions.RedisError as exc:  # Redis is up but refuses it; away is buffered
+            logger.error("camera %s: outage from %.3f not stored: %s", outage.camera, outage.start_s, exc)
+
+    def log_summary(self) -> None:
+        s = self.stats
+        logger.info(
+            "ingest: %d chunks, %d frames (%d encoded), %d → %d tokens, %d failed chunks",
+            s.chunks, s.frames, s.frames_encoded, s.tokens_in, s.tokens_kept, s.failed_chunks,
+        )  # fmt: skip
+
+    async def _ingest(self, chunk: Chunk, mem: _CameraMemory) -> ChunkMeta:
         images = np.stack([frame.image for frame in chunk.frames])  # [T, H, W, 3]
         times = np.array([frame.ts_s for frame in chunk.frames], dtype=np.float64)  # [T]
         t_start_all, t_end_all = frame_spans(times, chunk.end_s)
@@ -177,11 +203,11 @@ class Pipeline:
             n_tokens=compressed.n_tokens,
             codec=f"{self._compression.codec}/v{CODEC_VERSION}",
         )
-        await self.store.put_chunk(meta, payload, vector)
+        await self._store.put_chunk(meta, payload, vector)
         # Indexed even while the write waits in the retry buffer: ids are deterministic, a hit
         # whose payload never arrives is skipped at fetch time and dropped by the next catch-up.
-        self.index.add(meta, vector)
-        self._index_dirty = True
+        self._index.index.add(meta, vector)
+        self._index.dirty = True
 
         s = self.stats
         s.chunks += 1
@@ -226,7 +252,11 @@ class Pipeline:
             parts_global.append(mem.last_global)
             parts_emb.append(mem.last_embedding)
         if encode:
-            encoded = await self.encoder.encode(images[list(encode)])
+            self.stats.encoding_chunks += 1
+            try:
+                encoded = await self._encoder.encode(images[list(encode)])
+            finally:
+                self.stats.encoding_chunks -= 1
             parts_tokens.append(encoded.visual.tokens.float().cpu())
             parts_global.append(encoded.visual.global_feats.float().cpu())
             parts_emb.append(encoded.embeddings)
@@ -263,119 +293,3 @@ class Pipeline:
         else:
             compressed = random_keep(tokens, t_start, t_end, weight, grid, budget=budget, generator=mem.random)
         return compressed, encode_chunk(compressed, self._compression.codec)
-
-    async def close(self) -> None:
-        """Retry what is buffered once more, then save the index."""
-        if self.store.pending:
-            await self.store.flush_pending()
-        if self.store.pending:
-            logger.error("%d writes still buffered at shutdown: Redis is unreachable", self.store.pending)
-        await asyncio.to_thread(self.save_index)
-        s = self.stats
-        logger.info(
-            "pipeline closed: %d chunks, %d frames (%d encoded), %d → %d tokens, %d failed chunks",
-            s.chunks, s.frames, s.frames_encoded, s.tokens_in, s.tokens_kept, s.failed_chunks,
-        )  # fmt: skip
-
-    async def record_outage(self, outage: Outage) -> None:
-        """Store an outage (called when it starts and again when it ends)."""
-        await self.store.put_outage(OutageRecord(outage.camera, outage.start_s, outage.end_s, outage.reason))
-
-    def save_index(self) -> None:
-        """Write the index atomically (the previous file stays intact if this fails)."""
-        self.index_path.parent.mkdir(parents=True, exist_ok=True)
-        self.index.save(self.index_path)
-        self._index_dirty = False
-
-    async def run_maintenance(self, stop: asyncio.Event, retention_days: dict[str, float]) -> None:
-        """Until stop: save the index when it changed, apply retention, retry buffered writes."""
-        retry = asyncio.create_task(self.store.run_retry_loop(stop), name="store:retry")
-        last_retention = 0.0
-        try:
-            while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=INDEX_SAVE_INTERVAL_S)
-                if self._index_dirty:
-                    await asyncio.to_thread(self.save_index)
-                now = time.time()
-                if now - last_retention >= RETENTION_INTERVAL_S:
-                    last_retention = now
-                    await self.apply_retention(retention_days, now)
-        finally:
-            await retry
-
-    async def apply_retention(self, retention_days: dict[str, float], now_s: float) -> int:
-        """Delete each camera's memory older than its retention, in Redis and in the index."""
-        deleted = 0
-        for camera, days in retention_days.items():
-            cutoff_age_s = days * SECONDS_PER_DAY
-            try:
-                deleted += await self.store.apply_retention(camera, cutoff_age_s, now_s)
-            except Exception as exc:  # Redis away: retention simply waits for its next round
-                logger.warning("retention for camera %s skipped: %s", camera, exc)
-                continue
-            if self.index.remove_before(camera, now_s - cutoff_age_s):
-                self._index_dirty = True
-        return deleted
-
-
-def index_path_for(settings: Settings) -> Path:
-    return Path(settings.data_dir) / "index" / f"{settings.redis.key_prefix}.npz"
-
-
-def redis_client(settings: Settings) -> aioredis.Redis:
-    """An asyncio client that fails fast: MemoryStore buffers and retries writes itself, so
-    redis-py's own retries would only hold a camera's chunk for seconds while Redis is away."""
-    password = settings.redis.password.get_secret_value() if settings.redis.password else None
-    return aioredis.Redis.from_url(
-        settings.redis.url,
-        password=password,
-        retry=Retry(ExponentialBackoff(cap=REDIS_RETRY_CAP_S), retries=1),
-        socket_connect_timeout=REDIS_TIMEOUT_S,
-        socket_timeout=REDIS_TIMEOUT_S,
-    )
-
-
-@contextlib.asynccontextmanager
-async def open_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
-    """Load the models, connect Redis, load and catch up the index; on exit flush and save.
-
-    Raises what the model loaders raise (``ModelNotFoundError`` with advice) and Redis's
-    ``ConnectionError`` when Redis cannot be reached at start.
-    """
-    models = settings.models
-    faiss.omp_set_num_threads(FAISS_THREADS)
-    started = time.perf_counter()
-    vlm, embedder = await asyncio.gather(
-        asyncio.to_thread(load_vlm, models.vlm, models.device, models.dtype),
-        asyncio.to_thread(load_embedder, models.embedder, models.device, models.dtype),
-    )
-    logger.info("models loaded in %.1f s: %s, %s", time.perf_counter() - started, models.vlm, models.embedder)
-    client = redis_client(settings)
-    try:
-        await client.ping()
-        store = MemoryStore(
-            client, key_prefix=settings.redis.key_prefix, buffer_chunks=settings.redis.write_buffer_chunks
-        )
-        path = index_path_for(settings)
-        index = await asyncio.to_thread(VectorIndex.load_or_new, path, embedder.dim)
-        added, removed = await index.catch_up(store)
-        logger.info("index at %s: %d chunks (%d added from Redis, %d removed)", path, len(index), added, removed)
-        async with BatchEncoder(
-            vlm, embedder, max_batch_frames=models.encode_batch_frames, max_wait_ms=models.encode_max_wait_ms
-        ) as encoder:
-            pipeline = Pipeline(
-                vlm=vlm,
-                embedder=embedder,
-                encoder=encoder,
-                store=store,
-                index=index,
-                index_path=path,
-                compression=settings.compression,
-            )
-            try:
-                yield pipeline
-            finally:
-                await pipeline.close()
-    finally:
-        await client.aclose()

@@ -1,0 +1,68 @@
+"""Periodic upkeep of memory while the daemon runs: index saves and retention.
+
+The retry of buffered Redis writes is the store's own loop (``MemoryStore.run_retry_loop``), run
+by the daemon as a task of its own so that each long-lived task has one job and returns on the
+stop signal. The final index save is not done here but when the resources close
+(streamer/resources.py), whatever ends the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+
+from memory.store import REDIS_AWAY_ERRORS, MemoryStore
+from streamer.resources import IndexFile
+
+logger = logging.getLogger(__name__)
+
+INDEX_SAVE_INTERVAL_S = 60.0  # the index is derived from Redis: a stale file only costs catch-up time
+RETENTION_INTERVAL_S = 600.0  # retention is by days; checking every 10 minutes is plenty
+SECONDS_PER_DAY = 86400.0
+
+
+class Maintenance:
+    """``await maintenance.run(stop)``: save the index when it changed, apply each camera's retention."""
+
+    def __init__(
+        self,
+        store: MemoryStore,
+        index: IndexFile,
+        retention_days: Mapping[str, float],
+        *,
+        save_interval_s: float = INDEX_SAVE_INTERVAL_S,
+        retention_interval_s: float = RETENTION_INTERVAL_S,
+    ) -> None:
+        self._store = store
+        self._index = index
+        self._retention_days = dict(retention_days)
+        self._save_interval_s = save_interval_s
+        self._retention_interval_s = retention_interval_s
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until ``stop``: retention now and every retention interval, index saves every save interval."""
+        next_retention = time.monotonic()
+        while not stop.is_set():
+            if time.monotonic() >= next_retention:
+                next_retention = time.monotonic() + self._retention_interval_s
+                await self.apply_retention(time.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self._save_interval_s)
+            await self._index.save_if_dirty()
+
+    async def apply_retention(self, now_s: float) -> int:
+        """Delete each camera's memory older than its retention, in Redis and in the index."""
+        deleted = 0
+        for camera, days in self._retention_days.items():
+            cutoff_age_s = days * SECONDS_PER_DAY
+            try:
+                deleted += await self._store.apply_retention(camera, cutoff_age_s, now_s)
+            except REDIS_AWAY_ERRORS as exc:  # retention simply waits for its next round
+                logger.warning("retention for camera %s skipped: Redis unavailable (%s)", camera, exc)
+                continue
+            if self._index.index.remove_before(camera, now_s - cutoff_age_s):
+                self._index.dirty = True
+        return deleted
