@@ -200,8 +200,13 @@ class Answerer:
         try:
             while True:
                 remaining = deadline_s + GENERATION_GRACE_S - time.monotonic()
+                # asyncio.timeout, not asyncio.wait_for: on Python 3.11 wait_for returns an item
+                # that arrived together with a cancellation of the caller and drops the
+                # cancellation (https://github.com/python/cpython/issues/86296), so the MQTT
+                # API's answer timeout was lost while deltas were queued.
                 try:
-                    item = await asyncio.wait_for(queue.get(), timeout=max(remaining, 0.0))
+                    async with asyncio.timeout(max(remaining, 0.0)):
+                        item = await queue.get()
                 except TimeoutError:
                     log.warning(
                         "generation overran its deadline by %.1f s; answering with what came", GENERATION_GRACE_S

@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -32,6 +36,7 @@ from vlm.tiny import TinyModels
 from vlm.types import TextPart, VisualPart
 
 LOGIT_ATOL = 1e-4
+ROUNDS = 4  # parallel loads per test: each round had a fair chance to lose the race
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +70,7 @@ def test_tiny_models_load_offline_through_from_pretrained(tiny_vlm, tiny_qwen, t
         assert vlm.hidden_size == vlm.model.get_input_embeddings().embedding_dim
         assert vlm.dtype == torch.float32
     assert tiny_embedder.dim > 0
+    assert type(tiny_embedder.tokenizer).__name__ == "SiglipTokenizer"  # SentencePiece, as the real one
 
 
 def test_cli_make_tiny_writes_loadable_models(tmp_path):
@@ -87,6 +93,66 @@ def test_chat_template_kept_with_the_processor_is_found(tiny_models: TinyModels,
     vlm = load_vlm(str(copy), device="cpu")
     assert vlm.tokenizer.chat_template == template
     assert vlm.prompt_ids([TextPart("hi")]).numel() > 0
+
+
+def test_loading_in_parallel_with_the_embedder_keeps_tied_embeddings(tiny_models: TinyModels):
+    # vigil serve loads both models at once, in two threads; the checkpoint ties lm_head to
+    # embed_tokens, as the real ones do, so it stores no lm_head weight of its own.
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.tie_weights
+    try:
+        for _ in range(ROUNDS):
+            start = threading.Barrier(2)
+
+            def vlm(start: threading.Barrier = start) -> VisionLanguageModel:
+                start.wait()
+                return load_vlm(str(tiny_models.vlm), device="cpu")
+
+            def embedder(start: threading.Barrier = start) -> Embedder:
+                start.wait()
+                return load_embedder(str(tiny_models.embedder), device="cpu")
+
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                loading = pool.submit(vlm), pool.submit(embedder)
+                model = loading[0].result().model
+                loading[1].result()
+            head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+            assert head.data_ptr() == embed.data_ptr(), "lm_head is not tied to embed_tokens"
+            assert not [name for name, p in model.named_parameters() if p.is_meta]
+        assert PreTrainedModel.tie_weights is original
+    finally:
+        # A lost race leaves tie_weights a no-op for every later load in this process.
+        PreTrainedModel.tie_weights = original
+
+
+@pytest.mark.parametrize(
+    ("blocked", "package"), [("google,google.protobuf", "protobuf"), ("sentencepiece", "sentencepiece")]
+)
+def test_a_missing_tokenizer_package_is_named_with_how_to_install_it(tiny_models: TinyModels, blocked, package):
+    # SigLIP's SentencePiece tokenizer needs sentencepiece and protobuf; a child process where one
+    # cannot be imported (None in sys.modules) stands for a machine without it.
+    code = (
+        "import sys\n"
+        f"for name in {blocked!r}.split(','):\n"
+        "    sys.modules[name] = None\n"
+        "from vlm.embedder import load_embedder\n"
+        "from vlm.models import ModelNotFoundError\n"
+        "try:\n"
+        f"    load_embedder({str(tiny_models.embedder)!r}, device='cpu')\n"
+        "except ModelNotFoundError as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(3)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=180, env=env
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert f"pip install {package}" in result.stdout
+    assert f"needs the {package} package" in result.stdout
+    other = ({"protobuf", "sentencepiece"} - {package}).pop()
+    assert other not in result.stdout.split("transformers said:")[0]
 
 
 def test_unknown_hub_id_offline_names_the_id_and_the_fix():
@@ -267,7 +333,8 @@ def test_generate_stream_yields_text_and_stops_at_max_new_tokens(which, frames, 
     assert longer[:6] == tokens, "greedy decoding with a KV cache is deterministic"
     deltas = list(vlm.generate_stream(parts, max_new_tokens=6))
     assert all(isinstance(d, str) and d for d in deltas)
-    assert "".join(deltas) == vlm.tokenizer.decode(tokens, skip_special_tokens=True)
+    # Whole characters only: bytes of a character the sixth token left unfinished are dropped.
+    assert "".join(deltas) == vlm.tokenizer.decode(tokens, skip_special_tokens=True).rstrip("\ufffd")
     # The first greedy token is the argmax of the prefill logits.
     assert tokens[0] == int(vlm.next_token_logits(parts).argmax())
 

@@ -29,6 +29,9 @@ from tests.test_prompt import make_chunk
 
 TZ = ZoneInfo("Europe/Berlin")
 T0 = datetime(2026, 11, 20, 10, 0, 0, tzinfo=TZ).timestamp()
+STREAM_TIMEOUT_S = 0.05  # the answer timeout that 2 of 5 streamed answers outran
+# Slower than the tiny model makes a token, so deltas are always queued when the timeout fires.
+PUBLISH_S = 0.02
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -216,3 +219,37 @@ async def test_close_ends_a_running_generation_at_once(memory, tiny_embedder):
     job.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await job
+
+
+async def test_a_streamed_answer_past_its_deadline_always_times_out(redis_client, prefix, tiny_embedder, tiny_vlm):
+    """The MQTT API bounds an answer with ``asyncio.timeout``; the answerer must never swallow it.
+
+    Publishing a delta keeps the loop busy while the model runs on, so deltas pile up in the
+    queue and the timeout fires when the next one is already there: on Python 3.11,
+    ``asyncio.wait_for(queue.get())`` then returned that delta and dropped the cancellation, and
+    the answer ran to its end.
+    """
+    store = MemoryStore(redis_client, key_prefix=prefix)
+    index = VectorIndex(tiny_embedder.dim)
+    answerer = make_answerer(tiny_vlm, tiny_embedder, store, index, max_new_tokens=300)
+    published: list[str] = []
+
+    async def streamed_answer() -> None:
+        async with asyncio.timeout(None) as limit:
+
+            async def publish(text: str) -> None:
+                if limit.when() is None:  # the deadline passes while the answer streams
+                    limit.reschedule(asyncio.get_running_loop().time() + STREAM_TIMEOUT_S)
+                # Encoding and handing the reply to the client: the loop is busy meanwhile.
+                time.sleep(PUBLISH_S)  # noqa: ASYNC251
+                published.append(text)
+
+            await answerer.answer(Question("describe everything", stream=True), publish)
+
+    try:
+        for _ in range(5):
+            with pytest.raises(TimeoutError):
+                await streamed_answer()
+    finally:
+        answerer.close()
+    assert published

@@ -19,10 +19,12 @@ from transformers import AutoTokenizer, PreTrainedModel, SiglipModel
 
 from vlm.models import (
     load_config,
+    load_pretrained,
     not_found_error,
     resolve_device,
     resolve_dtype,
     resolve_file,
+    tokenizer_import_error,
 )
 from vlm.preprocess import PixelSpec, read_preprocessor_config, to_pixels
 
@@ -109,16 +111,13 @@ def load_embedder(name_or_dir: str, device: str = "auto", dtype: str = "auto") -
     local = Path(name_or_dir).expanduser()
     source = str(local) if local.is_dir() else name_or_dir
     try:
-        model = model_class.from_pretrained(source, dtype=torch_dtype)
+        model = load_pretrained(model_class, source, torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         raise not_found_error(name_or_dir, setting, exc) from exc
-    except (ImportError, ValueError) as exc:
+    except ImportError as exc:
         # Google's SigLIP checkpoints ship a SentencePiece tokenizer (spiece.model).
-        raise RuntimeError(
-            f"cannot build the tokenizer of {name_or_dir!r}: {exc}. "
-            "SigLIP's tokenizer needs the sentencepiece package (pip install sentencepiece)."
-        ) from exc
+        raise tokenizer_import_error(name_or_dir, setting, exc) from exc
     model = model.to(torch_device).eval()
     preprocessor = read_preprocessor_config(resolve_file(source, "preprocessor_config.json", setting))
     embedder = Embedder(name_or_dir, model, tokenizer, preprocessor)

@@ -10,36 +10,41 @@ and picks the implementation from ``config.model_type`` through ``FAMILIES``. Tw
 * ``qwen2_5_vl``: every frame is encoded as an image (repeated over the temporal patch) through
   the windowed ViT and the 2x2 patch merger, N = (S/14/2)² for frames resized to S x S.
 
-Generation is a plain greedy loop over a KV cache, fed with ``inputs_embeds`` so that stored
-(compressed) visual tokens can be spliced between text tokens. For Qwen2.5-VL the 3-D M-RoPE
-positions of each visual token come from its provenance (frame, row, col), computed here for
-every call: the model's own ``rope_deltas`` attribute is never read or written, so one model
-instance can serve the encoder thread and the generation thread at once.
+Generation is transformers' greedy ``generate``, fed with ``inputs_embeds`` so that stored
+(compressed) visual tokens can be spliced between text tokens, and with explicit ``position_ids``.
+For Qwen2.5-VL the 3-D M-RoPE positions of each visual token come from its provenance (frame, row,
+col), computed here for every call: the model's own ``rope_deltas`` attribute is never read or
+written, so one model instance can serve the encoder thread and the generation thread at once.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
+import queue
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import jinja2
 import numpy as np
 import torch
 from torch import Tensor
 from transformers import (
     AutoConfig,
     AutoTokenizer,
-    DynamicCache,
+    GenerationConfig,
     LlavaOnevisionForConditionalGeneration,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2_5_VLForConditionalGeneration,
 )
+from transformers.generation import BaseStreamer, MaxTimeCriteria, StoppingCriteria, StoppingCriteriaList
 from transformers.utils import cached_file
 
 from vlm.preprocess import (
@@ -136,6 +141,53 @@ def resolve_file(name: str, filename: str, setting: str) -> str:
     return path
 
 
+# Packages transformers' tokenizer classes import only when a checkpoint needs them (import name →
+# pip name): SentencePiece tokenizers (SigLIP's) need both; both are vigil dependencies.
+TOKENIZER_PACKAGES = {"sentencepiece": "sentencepiece", "google.protobuf": "protobuf"}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a missing parent package, or a module blocked in sys.modules
+        return False
+
+
+def tokenizer_import_error(name: str, setting: str, cause: ImportError) -> ModelNotFoundError:
+    """The tokenizer of ``name`` needs a package that is not installed: say which, and how to get it.
+
+    transformers raises a bare ImportError ("SiglipTokenizer requires the protobuf library ...");
+    the packages that are really missing here are looked up rather than guessed.
+    """
+    missing = [pip for module, pip in TOKENIZER_PACKAGES.items() if not _installed(module)]
+    detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if not missing:
+        return ModelNotFoundError(f"cannot build the tokenizer of {name!r} ({setting}): {detail}")
+    packages = " ".join(missing)
+    return ModelNotFoundError(
+        f"cannot build the tokenizer of {name!r} ({setting}): it needs the {', '.join(missing)} "
+        f"package{'s' if len(missing) > 1 else ''}, not installed here. Install with `pip install {packages}` "
+        f"(or `bash scripts/setup.sh`, which installs vigil's locked dependencies). transformers said: {detail}"
+    )
+
+
+# transformers' from_pretrained swaps process-wide state while it builds a model: it replaces
+# PreTrainedModel.tie_weights with a no-op (initialization.no_tie_weights) and sets torch's default
+# dtype (local_torch_dtype), restoring both when it returns. Two loads in parallel threads (vigil
+# serve loads the VLM and the embedder at once) interleave those swaps: a load can run with tying
+# disabled, or restore the no-op as "the original" for good, and a tied checkpoint (no
+# lm_head.weight of its own, like LLaVA-OneVision-0.5B) then keeps lm_head on the meta device
+# ("lm_head.weight MISSING", then "Cannot copy out of meta tensor"). Every from_pretrained of a
+# model in vlm/ goes through ``load_pretrained``, which serialises them.
+_LOAD_LOCK = threading.Lock()
+
+
+def load_pretrained(model_class: type[PreTrainedModel], source: str, dtype: torch.dtype) -> PreTrainedModel:
+    """``model_class.from_pretrained(source, dtype=dtype)``, one load at a time in this process."""
+    with _LOAD_LOCK:
+        return model_class.from_pretrained(source, dtype=dtype)
+
+
 def _greedy_eos(model: PreTrainedModel, tokenizer: Any) -> frozenset[int]:
     """Every id that ends an answer: the tokenizer's EOS and the generation config's."""
     ids: set[int] = set()
@@ -145,6 +197,28 @@ def _greedy_eos(model: PreTrainedModel, tokenizer: Any) -> frozenset[int]:
         elif isinstance(value, Sequence):
             ids.update(int(v) for v in value)
     return frozenset(ids)
+
+
+_PROBE = "vigil-template-probe"
+
+
+def content_format(tokenizer: Any) -> Literal["list", "string"]:
+    """How the tokenizer's chat template wants a message's content: a list of items or a string.
+
+    Processor templates (LLaVA's, Qwen2.5-VL's) iterate over ``[{"type": "text", ...}]`` items; a
+    text LM's template (Qwen2-Instruct's) concatenates ``message['content']`` to strings and fails
+    on a list with "can only concatenate str (not "list") to str". A probe message tells which.
+    """
+    for fmt, content in (("list", [{"type": "text", "text": _PROBE}]), ("string", _PROBE)):
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
+        except (TypeError, jinja2.TemplateError):
+            continue
+        if _PROBE in text:
+            return fmt  # type: ignore[return-value]
+    raise ModelNotFoundError("the chat template renders neither list-of-items nor string message content")
 
 
 # --------------------------------------------------------------------------- the model wrapper
@@ -171,6 +245,7 @@ class VisionLanguageModel(ABC):
         special = {str(t) for t in tokenizer.all_special_tokens}
         special |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
         self._reserved = sorted(special, key=len, reverse=True)  # longest first: no partial removals
+        self._content_format = content_format(tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -240,6 +315,8 @@ class VisionLanguageModel(ABC):
             {"role": "system", "content": [{"type": "text", "text": system}]},
             {"role": "user", "content": [{"type": "text", "text": content}]},
         ]
+        if self._content_format == "string":
+            messages = [{"role": m["role"], "content": system if m["role"] == "system" else content} for m in messages]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]  # [L]
         return ids
@@ -271,10 +348,28 @@ class VisionLanguageModel(ABC):
 
     @torch.inference_mode()
     def next_token_logits(self, parts: Sequence[PromptPart], system: str = SYSTEM_PROMPT) -> Tensor:
-        """Logits [V] (float32) for the first answer token: the prefill of ``generate_stream``."""
+        """Logits [V] (float32) for the first answer token: the prefill of ``generate_tokens``."""
         embeds, positions, _ = self.assemble(parts, system)
         out = self.model(inputs_embeds=embeds, position_ids=positions, use_cache=False, logits_to_keep=1)
         return out.logits[0, -1].float()
+
+    def _generation_config(self, max_new_tokens: int) -> GenerationConfig:
+        """Greedy decoding, EOS from the tokenizer and the checkpoint, nothing that reshapes logits.
+
+        ``generate`` fills every unset field from the checkpoint's ``generation_config.json``; the
+        fields that would change greedy answers (sampling, a repetition penalty) are set here, so
+        an answer depends only on the prompt.
+        """
+        eos = sorted(self._eos)
+        pad = self.tokenizer.pad_token_id
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            repetition_penalty=1.0,
+            eos_token_id=eos,
+            pad_token_id=pad if isinstance(pad, int) else (eos[0] if eos else None),
+        )
 
     def generate_tokens(
         self,
@@ -286,38 +381,51 @@ class VisionLanguageModel(ABC):
     ) -> Iterator[int]:
         """Greedy token ids (EOS excluded), stopping at EOS, ``max_new_tokens`` or ``deadline_s``.
 
-        ``deadline_s`` is a ``time.monotonic()`` instant; it is checked before every model step.
+        ``deadline_s`` is a ``time.monotonic()`` instant; it is checked after every new token (so
+        before every further model step). Decoding is transformers' ``generate`` on the assembled
+        ``inputs_embeds`` with our own ``position_ids`` (``generate`` advances them by one per
+        token on every row, which is right for 1-D RoPE and for M-RoPE after a text token), so
+        Qwen2.5-VL's ``rope_deltas`` model state is neither needed nor touched. ``generate`` runs on
+        a helper thread and hands each token over through its streamer (the pattern of
+        transformers' ``TextIteratorStreamer``); leaving the loop early stops it at its next token.
         """
         if max_new_tokens < 1 or (deadline_s is not None and time.monotonic() >= deadline_s):
             return
-        # Inference mode is entered per step, never held across a yield: grad mode is
+        # Inference mode is entered for the assembly only, never held across a yield: grad mode is
         # thread-local and would otherwise leak into the consumer while the generator waits.
         with torch.inference_mode():
-            embeds, positions, next_pos = self.assemble(parts, system)
-            cache = DynamicCache(config=self.model.config.get_text_config())
-            logits = self.model(
-                inputs_embeds=embeds,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[0, -1]  # [V]
-        step_shape = (*positions.shape[:-1], 1)  # one new token per step
-        for step in range(max_new_tokens):
-            token = int(logits.argmax())
-            if token in self._eos:
-                return
-            yield token
-            if step + 1 == max_new_tokens or (deadline_s is not None and time.monotonic() >= deadline_s):
-                return
-            with torch.inference_mode():
-                token_embeds = self._embed(torch.tensor([[token]], device=self.device))  # [1, 1, C]
-                logits = self.model(
-                    inputs_embeds=token_embeds,
-                    position_ids=torch.full(step_shape, next_pos + step, dtype=torch.long, device=self.device),
-                    past_key_values=cache,
-                    use_cache=True,
-                ).logits[0, -1]  # [V]
+            embeds, positions, _ = self.assemble(parts, system)  # [1, L, C], [1, L] or [3, 1, L]
+        stop = threading.Event()
+        criteria = StoppingCriteriaList([_StopWhenSet(stop)])
+        if deadline_s is not None:
+            # MaxTimeCriteria counts wall-clock seconds from its construction (time.time()).
+            criteria.append(MaxTimeCriteria(max_time=deadline_s - time.monotonic()))
+        streamer = _TokenQueue()
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(
+                        inputs_embeds=embeds,
+                        position_ids=positions,
+                        attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device),
+                        generation_config=self._generation_config(max_new_tokens),
+                        stopping_criteria=criteria,
+                        streamer=streamer,
+                    )
+            except BaseException as exc:  # handed to the consumer thread and re-raised there
+                streamer.fail(exc)
+
+        worker = threading.Thread(target=run, name="vigil-generate-steps", daemon=True)
+        worker.start()
+        try:
+            for token in streamer:
+                if token in self._eos:
+                    return
+                yield token
+        finally:
+            stop.set()  # the consumer left early (closed, cancelled): generate ends at its next token
+            worker.join()
 
     def generate_stream(
         self,
@@ -327,26 +435,84 @@ class VisionLanguageModel(ABC):
         deadline_s: float | None = None,
         system: str = SYSTEM_PROMPT,
     ) -> Iterator[str]:
-        """Answer text deltas for the user turn ``parts`` (greedy, KV-cached).
+        """Answer text deltas for the user turn ``parts`` (greedy, KV-cached; see ``text_deltas``).
 
         Stops at EOS, after ``max_new_tokens`` tokens, or once ``time.monotonic()`` passes
-        ``deadline_s``. Deltas never split a UTF-8 character.
+        ``deadline_s``.
         """
-        ids: list[int] = []
-        emitted = ""
         started = time.monotonic()
-        for token in self.generate_tokens(parts, max_new_tokens=max_new_tokens, deadline_s=deadline_s, system=system):
-            ids.append(token)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if text.endswith(_INCOMPLETE_UTF8) or not text.startswith(emitted):
-                continue
-            if len(text) > len(emitted):
-                yield text[len(emitted) :]
-                emitted = text
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if text.startswith(emitted) and len(text) > len(emitted):
+        tokens = self.generate_tokens(parts, max_new_tokens=max_new_tokens, deadline_s=deadline_s, system=system)
+        yield from text_deltas(self.tokenizer, tokens)
+        logger.debug("generated an answer in %.2f s", time.monotonic() - started)
+
+
+def text_deltas(tokenizer: Any, tokens: Iterable[int]) -> Iterator[str]:
+    """Token ids as they are generated → text deltas that add up to the answer, whole characters only.
+
+    A byte-level tokenizer (Qwen's) decodes the bytes of an unfinished UTF-8 character as U+FFFD,
+    so text ending in it is held back until the character is complete, and dropped if the tokens
+    end first (``max_new_tokens`` or the deadline stopped generation in the middle of its bytes;
+    a model that really ends on U+FFFD loses it: rare and harmless).
+    """
+    ids: list[int] = []
+    emitted = ""
+    for token in tokens:
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith(_INCOMPLETE_UTF8) or not text.startswith(emitted):
+            continue
+        if len(text) > len(emitted):
             yield text[len(emitted) :]
-        logger.debug("generated %d tokens in %.2f s", len(ids), time.monotonic() - started)
+            emitted = text
+    text = tokenizer.decode(ids, skip_special_tokens=True).rstrip(_INCOMPLETE_UTF8)
+    if text.startswith(emitted) and len(text) > len(emitted):
+        yield text[len(emitted) :]
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Stops ``generate`` once an event is set (the consumer of its tokens has gone)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self._event = event
+
+    def __call__(self, input_ids: Tensor, scores: Tensor | None, **kwargs: Any) -> Tensor:
+        """input_ids [B, L] → [B] bool: done for every sequence once the event is set."""
+        return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+_END = object()
+
+
+class _TokenQueue(BaseStreamer):
+    """``generate``'s streamer: each step's new token id, iterated on another thread.
+
+    ``generate`` first puts the prompt's ids (an empty [1, 0] tensor when it is given
+    ``inputs_embeds``), then [1] per step, including a final EOS; ``end`` closes the stream.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._prompt_seen = False
+
+    def put(self, value: Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self._queue.put(int(token))
+
+    def end(self) -> None:
+        self._queue.put(_END)
+
+    def fail(self, exc: BaseException) -> None:
+        self._queue.put(exc)
+        self._queue.put(_END)
+
+    def __iter__(self) -> Iterator[int]:
+        while (item := self._queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield int(item)  # type: ignore[call-overload]
 
 
 # --------------------------------------------------------------------------- LLaVA-OneVision
@@ -496,14 +662,14 @@ class Qwen25VLVLM(VisionLanguageModel):
 # --------------------------------------------------------------------------- loading
 
 
-def _processor_chat_template(source: str, setting: str) -> str:
-    """The chat template of checkpoints that keep it with the processor (``chat_template.json``)."""
+def _processor_chat_template(source: str, setting: str) -> str | None:
+    """The processor's chat template (``chat_template.json``), or None when the checkpoint has none."""
     try:
-        path = cached_file(source, "chat_template.json")
+        path = cached_file(source, "chat_template.json", _raise_exceptions_for_missing_entries=False)
     except (OSError, ValueError) as exc:
         raise not_found_error(source, setting, exc) from exc
     if path is None:
-        raise ModelNotFoundError(f"{source!r} has no chat template (tokenizer or chat_template.json)")
+        return None
     with open(path, encoding="utf-8") as handle:
         template = json.load(handle).get("chat_template")
     if not isinstance(template, str):
@@ -535,13 +701,21 @@ def load_vlm(name_or_dir: str, device: str = "auto", dtype: str = "auto") -> Vis
     torch_dtype = resolve_dtype(dtype, torch_device)
     source = str(Path(name_or_dir).expanduser()) if Path(name_or_dir).expanduser().is_dir() else name_or_dir
     try:
-        model = model_class.from_pretrained(source, dtype=torch_dtype)
+        model = load_pretrained(model_class, source, torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         raise not_found_error(name_or_dir, setting, exc) from exc
+    except ImportError as exc:
+        raise tokenizer_import_error(name_or_dir, setting, exc) from exc
     model = model.to(torch_device).eval()
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = _processor_chat_template(source, setting)
+    # A VLM's prompt format is its processor's template (what AutoProcessor.apply_chat_template
+    # uses); the tokenizer may carry its text LM's own template (LLaVA-OneVision's Qwen2-Instruct
+    # one), which knows nothing of images or videos.
+    template = _processor_chat_template(source, setting)
+    if template is not None:
+        tokenizer.chat_template = template
+    elif tokenizer.chat_template is None:
+        raise ModelNotFoundError(f"{name_or_dir!r} has no chat template (tokenizer or chat_template.json)")
     preprocessor = read_preprocessor_config(resolve_file(source, "preprocessor_config.json", setting))
     vlm = wrapper(name_or_dir, model, tokenizer, preprocessor)
     logger.info(

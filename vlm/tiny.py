@@ -5,7 +5,7 @@ the same ``load_vlm`` / ``load_embedder`` path as the real checkpoints:
 
 * ``DIR/vlm``: LLaVA-OneVision (SigLIP vision tower + 2-layer MLP projector + Qwen2 LM),
 * ``DIR/qwen2_5_vl``: Qwen2.5-VL (windowed ViT + patch merger + M-RoPE Qwen2 LM),
-* ``DIR/embedder``: SigLIP (image and text towers).
+* ``DIR/embedder``: SigLIP (image and text towers), with a SentencePiece ``SiglipTokenizer``.
 
 The tokenizer is a byte-level BPE trained here on a small built-in text, with the special tokens
 of the Qwen2 family and a chat template, so nothing is downloaded. Sizes are chosen so that one
@@ -16,10 +16,12 @@ milliseconds on a CPU. Weights are seeded, so two builds are identical.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import sentencepiece
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -31,6 +33,7 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     SiglipConfig,
     SiglipModel,
+    SiglipTokenizer,
 )
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
     LlavaOnevisionImageProcessorPil,
@@ -63,6 +66,7 @@ TEXT_HEADS = 4
 TEXT_KV_HEADS = 2
 TEXT_LAYERS = 2
 MROPE_SECTION = [4, 6, 6]
+TEXT_INIT_RANGE = 0.1
 PATCH = 14
 # LLaVA-OV pools the patch grid 2x2 for video: 196 px / 14 = 14 patches -> a 7x7 token grid.
 LLAVA_IMAGE_SIDE = 196
@@ -70,6 +74,7 @@ LLAVA_IMAGE_SIDE = 196
 QWEN_FRAME_SIDE = 196
 SIGLIP_IMAGE_SIDE = 112
 SIGLIP_TEXT_LENGTH = 64
+SIGLIP_PIECES = 512  # an upper bound: the built-in text gives about 160 pieces
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 SIGLIP_MEAN = [0.5, 0.5, 0.5]
@@ -147,6 +152,13 @@ def _text_config() -> dict[str, object]:
         "num_attention_heads": TEXT_HEADS,
         "num_key_value_heads": TEXT_KV_HEADS,
         "max_position_embeddings": 4096,
+        # The real Qwen2-0.5B (LLaVA-OneVision) and Qwen2.5-VL-3B tie lm_head to embed_tokens; a
+        # tied checkpoint has no lm_head.weight of its own, which is what parallel loads broke.
+        "tie_word_embeddings": True,
+        # With tied embeddings and the default 0.02, a random 2-layer LM's last hidden state stays
+        # close to its input token's embedding, so it repeats the prompt's last token ("\n")
+        # forever; a wider init lets the layers move it, and answers are varied text.
+        "initializer_range": TEXT_INIT_RANGE,
         "eos_token_id": TOKEN_ID["<|im_end|>"],
         "pad_token_id": TOKEN_ID["<|endoftext|>"],
         "bos_token_id": TOKEN_ID["<|endoftext|>"],
@@ -237,18 +249,48 @@ def _write_qwen(out: Path) -> None:
     ).save_pretrained(out)
 
 
+def build_siglip_tokenizer(work: Path) -> SiglipTokenizer:
+    """SigLIP's tokenizer class on a SentencePiece model trained here on the built-in text (0.1 s).
+
+    The real checkpoint's tokenizer is a 32000-piece SentencePiece model loaded by
+    ``SiglipTokenizer``, which needs the sentencepiece and protobuf packages; this one takes the
+    same path. Piece ids follow the real one: pad 0, eos 1, unk 2.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(_TRAINING_TEXT.strip().splitlines()),
+        model_writer=model,
+        vocab_size=SIGLIP_PIECES,
+        hard_vocab_limit=False,  # the built-in text yields fewer pieces; take what it gives
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+        minloglevel=2,
+    )
+    path = work / "spiece.model"
+    path.write_bytes(model.getvalue())
+    return SiglipTokenizer(vocab_file=str(path), model_max_length=SIGLIP_TEXT_LENGTH)
+
+
 def _write_siglip(out: Path) -> None:
+    tokenizer = build_siglip_tokenizer(out.parent / f"{out.name}-spiece")
     config = SiglipConfig(
         text_config={
-            "vocab_size": VOCAB_SIZE,
+            "vocab_size": len(tokenizer),
             "hidden_size": 64,
             "intermediate_size": 128,
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
             "max_position_embeddings": SIGLIP_TEXT_LENGTH,
-            "pad_token_id": TOKEN_ID["<|endoftext|>"],
-            "bos_token_id": TOKEN_ID["<|endoftext|>"],
-            "eos_token_id": TOKEN_ID["<|im_end|>"],
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.eos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
         },
         vision_config={
             "hidden_size": 64,
@@ -261,8 +303,6 @@ def _write_siglip(out: Path) -> None:
     )
     torch.manual_seed(SEED + 2)
     SiglipModel(config).eval().save_pretrained(out)
-    tokenizer = build_tokenizer(CHAT_TEMPLATE)
-    tokenizer.model_max_length = SIGLIP_TEXT_LENGTH
     tokenizer.save_pretrained(out)
     SiglipImageProcessorPil(
         size={"height": SIGLIP_IMAGE_SIDE, "width": SIGLIP_IMAGE_SIDE},

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 if TYPE_CHECKING:  # torch and transformers load only when a test asks for a model
+    from tests.plugins.real_shape import RealShape
     from vlm.embedder import Embedder
     from vlm.models import VisionLanguageModel
     from vlm.tiny import TinyModels
@@ -63,3 +64,19 @@ def tiny_embedder(tiny_models: TinyModels) -> Embedder:
     from vlm.embedder import load_embedder
 
     return load_embedder(str(tiny_models.embedder), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def real_shape_models(tmp_path_factory: pytest.TempPathFactory) -> RealShape:
+    """Random-weight LLaVA-OneVision-0.5B of the real shape (2 + 2 layers), real Qwen tokenizer."""
+    from tests.plugins.real_shape import build_real_shape
+
+    return build_real_shape(tmp_path_factory.mktemp("real-shape"))
+
+
+@pytest.fixture(scope="session")
+def real_shape_vlm(real_shape_models: RealShape) -> VisionLanguageModel:
+    """The real-shape checkpoint (processor template variant), loaded on CPU in bfloat16."""
+    from vlm.models import load_vlm
+
+    return load_vlm(str(real_shape_models.processor), device="cpu", dtype="bfloat16")
