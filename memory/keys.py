@@ -23,13 +23,14 @@ from dataclasses import dataclass
 # Camera names end up inside a hash tag and between ':' separators, so braces, ':' and whitespace
 # would break the tag or make keys ambiguous. streamer/settings.py enforces a stricter rule; this
 # is the store's own guard, because memory/ must not import streamer/.
-_CAMERA_RE = re.compile(r"^[^{}:\s]{1,128}$")
-_PREFIX_RE = re.compile(r"^[^{}\s]{1,128}$")
+# fullmatch, not match with '$': '$' also matches before a final newline ("cam\n").
+_CAMERA_RE = re.compile(r"[^{}:\s]{1,128}")
+_PREFIX_RE = re.compile(r"[^{}\s]{1,128}")
 
 
 def check_camera(camera: str) -> str:
     """Return ``camera`` if it can be used inside a key; raise ValueError naming the problem."""
-    if not isinstance(camera, str) or not _CAMERA_RE.match(camera):
+    if not isinstance(camera, str) or not _CAMERA_RE.fullmatch(camera):
         raise ValueError(
             f"camera name {camera!r} cannot be used in a Redis key: use 1-128 characters without "
             "braces, ':' or whitespace"
@@ -44,7 +45,7 @@ class RedisKeys:
     prefix: str
 
     def __post_init__(self) -> None:
-        if not _PREFIX_RE.match(self.prefix):
+        if not _PREFIX_RE.fullmatch(self.prefix):
             raise ValueError(
                 f"key prefix {self.prefix!r} must be 1-128 characters without braces or whitespace"
             )

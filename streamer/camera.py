@@ -36,19 +36,23 @@ import av.error
 
 from memory.outage import Outage
 from streamer.backoff import backoff_delay_s
-from streamer.frames import Chunk, ChunkBuilder, Frame, Sampler, StreamClock
+from streamer.frames import Chunk, ChunkBuilder, Frame, RateMeter, Sampler, StreamClock
+from streamer.redact import redact_text, redact_url
 from streamer.settings import CameraSettings
 from streamer.sources import (
+    OPEN_TIMEOUT_SHARE,
     DecodeStats,
     SourceError,
     SourceSpec,
     creation_time_s,
     describe,
+    follows_arrival,
     frames_of,
     is_permanent,
     open_source,
     parse_source,
 )
+from streamer.timefmt import iso_time
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +61,11 @@ CameraState = Literal["connecting", "connected", "reconnecting", "failed", "stop
 # How often the loop side checks for stalls and refreshes rates: fine enough for stall timeouts
 # of a second (tests), cheap enough for dozens of cameras.
 WATCHDOG_TICK_S = 0.25
-# Rates are averaged over windows of this length: long enough to smooth a 1 fps camera.
+# Rates are averaged over a sliding window of this length: long enough to smooth a 1 fps camera.
 RATE_WINDOW_S = 5.0
 # After stop, how long run() waits for the decoder thread before leaving it (a daemon thread
 # blocked in a read ends by itself within read_timeout_s).
 THREAD_JOIN_S = 1.0
-# An open that failed after this share of open_timeout_s was ended by the timeout.
-OPEN_TIMEOUT_SHARE = 0.95
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +74,9 @@ class CameraStatus:
 
     camera: str
     state: CameraState
-    source: str  # the URL without credentials
-    input_fps: float  # frames decoded per second (recent window)
-    sampled_fps: float  # frames sampled per second (recent window)
+    source: str  # the URL without credentials, query values or fragment (redact_url)
+    input_fps: float  # frames decoded per second (sliding window; 0 while no frames arrive)
+    sampled_fps: float  # frames sampled per second (sliding window)
     frames_dropped: int  # sampled frames dropped because the pipeline fell behind
     reconnects: int
     last_frame_age_s: float | None  # seconds since the last decoded frame; None before the first
@@ -181,13 +183,15 @@ class CameraWorker:
         self._rng = rng or random.Random()
         self._state: CameraState = "stopped"
         self._error: str | None = None
-        self._display = settings.url
+        self._display = redact_url(settings.url)
         self._reconnects = 0
         self._dropped_before = 0  # drops of finished sessions
+        self._decoded_before = 0  # frames decoded by finished sessions
+        self._sampled_before = 0
+        self._last_ts_s = 0.0  # stream time of the newest frame of any session
         self._session: _Session | None = None
         self._last_frame_mono: float | None = None
-        self._rates = (0.0, 0.0)
-        self._window: tuple[float, float, int, int] | None = None  # (monotonic, ts_s, decoded, sampled) at start
+        self._rates = RateMeter(RATE_WINDOW_S)
         self._outage: Outage | None = None
         self._live = True
         self._builder = ChunkBuilder(
@@ -205,12 +209,13 @@ class CameraWorker:
         last = self._last_frame_mono
         if session is not None and session.stats.last_frame_mono:
             last = session.stats.last_frame_mono
+        input_fps, sampled_fps = self._rates.rates(time.monotonic(), *self._counters())
         return CameraStatus(
             camera=self.name,
             state=self._state,
             source=self._display,
-            input_fps=self._rates[0],
-            sampled_fps=self._rates[1],
+            input_fps=round(input_fps, 2),
+            sampled_fps=round(sampled_fps, 2),
             frames_dropped=dropped,
             reconnects=self._reconnects,
             last_frame_age_s=None if last is None else time.monotonic() - last,
@@ -240,17 +245,17 @@ class CameraWorker:
                     break
                 error = ended.error or ConnectionError("stream ended")
                 if is_permanent(spec, error):
-                    await self._set_state("failed", f"{spec.display}: {describe(error)}")
+                    await self._set_state("failed", f"{spec.display}: {self._describe(error)}")
                     return
                 if self._session is not None and self._session.frames:
                     attempt = 0  # it worked for a while: start the backoff again from the bottom
-                await self._begin_outage(describe(error))
+                await self._begin_outage(self._describe(error))
                 delay = backoff_delay_s(
                     attempt, self.settings.reconnect_initial_s, self.settings.reconnect_max_s, self._rng
                 )
                 attempt += 1
                 self._reconnects += 1
-                await self._set_state("reconnecting", describe(error))
+                await self._set_state("reconnecting", self._describe(error))
                 log.info("camera %s: reconnecting in %.1f s", self.name, delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
@@ -264,9 +269,10 @@ class CameraWorker:
         previous = self._session
         if previous is not None:
             self._dropped_before += previous.inbox.dropped
+            self._decoded_before += previous.stats.decoded
+            self._sampled_before += previous.stats.sampled
         session = _Session(inbox=_Inbox(loop, self.settings.frame_queue_size))
         self._session = session
-        self._window = None
         session.thread = threading.Thread(
             target=self._decode_thread, args=(spec, session), name=f"camera:{self.name}", daemon=True
         )
@@ -293,7 +299,7 @@ class CameraWorker:
                 if stalled is not None:
                     session.abort.set()
                     return _Ended(StalledError(stalled))
-                self._update_rates(session)
+                self._rates.record(time.monotonic(), *self._counters())
                 ready_task = asyncio.create_task(session.inbox.ready.wait())
                 await asyncio.wait(
                     {ready_task, stop_task}, timeout=WATCHDOG_TICK_S, return_when=asyncio.FIRST_COMPLETED
@@ -334,7 +340,15 @@ class CameraWorker:
         try:
             session.inbox.put(_Opened())
             start_s = self._file_start_s(spec, container)
-            clock = StreamClock(live=spec.live, start_s=start_s, opened_s=opened_s, wrap_s=spec.wrap_s)
+            clock = StreamClock(
+                live=spec.live,
+                start_s=start_s,
+                opened_s=opened_s,
+                wrap_s=spec.wrap_s,
+                arrival=follows_arrival(spec, container),
+            )
+            if clock.arrival:
+                log.info("camera %s: %s has no real timestamps: following arrival time", self.name, spec.display)
             sampler = Sampler(self.settings.sample_fps)
             for frame in frames_of(
                 container,
@@ -378,9 +392,10 @@ class CameraWorker:
     async def _on_frame(self, session: _Session, frame: Frame) -> None:
         session.frames += 1
         if self._state != "connected":
-            self._window = None  # rates count from the first frame, not from the connection attempt
-            # Live frames carry arrival-anchored times; a file's times may lie in the past.
-            await self._end_outage(frame.ts_s if self._live else time.time())
+            # Back when the first new frame arrived (not at its stream time: a live stream's first
+            # frames are stamped back to the open, a file's times may lie in the past).
+            first = session.stats.first_frame_mono or time.monotonic()
+            await self._end_outage(time.time() - (time.monotonic() - first))
             await self._set_state("connected", None)
         for chunk in self._builder.add(frame):
             await self._on_chunk(chunk)
@@ -390,22 +405,19 @@ class CameraWorker:
         if chunk is not None:
             await self._on_chunk(chunk)
 
-    def _update_rates(self, session: _Session) -> None:
-        """Frames per second of stream time, over windows of about RATE_WINDOW_S of wall time.
+    def _counters(self) -> tuple[int, int, float]:
+        """(decoded, sampled) over every session so far, and the newest frame's stream time."""
+        decoded, sampled = self._decoded_before, self._sampled_before
+        session = self._session
+        if session is not None:
+            decoded += session.stats.decoded
+            sampled += session.stats.sampled
+            self._last_ts_s = max(self._last_ts_s, session.stats.last_ts_s)
+        return decoded, sampled, self._last_ts_s
 
-        Stream time, not wall time: the burst of frames FFmpeg buffers while probing a stream
-        would otherwise read as a camera running far above its rate.
-        """
-        stats = session.stats
-        now = time.monotonic()
-        mark = (now, stats.last_ts_s, stats.decoded, stats.sampled)
-        if self._window is None:
-            self._window = mark
-            return
-        span_s = stats.last_ts_s - self._window[1]
-        if now - self._window[0] >= RATE_WINDOW_S and span_s > 0:
-            self._rates = ((stats.decoded - self._window[2]) / span_s, (stats.sampled - self._window[3]) / span_s)
-            self._window = mark
+    def _describe(self, error: BaseException) -> str:
+        """describe(), with any URL in the message redacted (it goes to logs, status and topics)."""
+        return redact_text(describe(error))
 
     async def _set_state(self, state: CameraState, error: str | None) -> None:
         if (state, error) == (self._state, self._error):
@@ -425,7 +437,7 @@ class CameraWorker:
         last = self._last_frame_mono
         start_s = time.time() - (time.monotonic() - last) if last is not None else time.time()
         self._outage = Outage(self.name, start_s, None, reason)
-        log.warning("camera %s: offline since %.3f (%s)", self.name, start_s, reason)
+        log.warning("camera %s: offline since %s (%s)", self.name, iso_time(start_s, self.tz), reason)
         if self._on_outage is not None:
             await self._on_outage(self._outage)
 

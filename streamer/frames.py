@@ -13,6 +13,8 @@ Everything here is free of I/O and of PyAV so it can be tested on plain numbers:
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +27,14 @@ MAX_PTS_STEP_S = 10.0
 MAX_LIVE_DRIFT_S = 5.0
 # Two timestamps closer than this are the same instant (float noise of PTS × time_base).
 TIME_EPSILON_S = 1e-6
+# Stream timestamps that advance slower than this share of arrival time are not the camera's:
+# FFmpeg's MJPEG and raw-stream demuxers invent 25 fps timestamps whatever the real rate is
+# (a 10 fps camera then runs at 0.4). Real streams stay near 1; a probing burst only pushes the
+# ratio up (frames arrive faster than their timestamps), never down.
+MIN_PTS_RATE = 0.75
+# The rate is compared as the median of this many recent steps: the median ignores one late
+# frame or a burst after a hiccup, and 16 frames are under 2 s of a 10 fps camera.
+PTS_RATE_STEPS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +86,22 @@ class StreamClock:
     ``MAX_PTS_STEP_S`` or falling ``MAX_LIVE_DRIFT_S`` behind arrival re-anchors on arrival.
     Files anchor on ``start_s`` (their first frame) and only follow PTS; a backwards step
     continues right after the previous frame. The result never goes backwards.
+
+    Live sources whose timestamps are not real follow arrival time instead: from the start when
+    ``arrival`` is set (MJPEG, image streams: the demuxer invents the timestamps), or from the
+    moment the median PTS step of the last ``PTS_RATE_STEPS`` frames falls below ``MIN_PTS_RATE``
+    of the median arrival step (``pts_rate`` keeps that ratio for the log).
     """
 
     live: bool
     start_s: float | None = None  # files: wall time of the first frame
     opened_s: float | None = None  # live: wall time the connection was opened
     wrap_s: float | None = None
+    arrival: bool = False  # live: stamp every frame with its arrival time
+    pts_rate: float | None = None  # median PTS step / median arrival step when ``arrival`` was switched on
+    _pts_steps: deque[float] = field(default_factory=lambda: deque(maxlen=PTS_RATE_STEPS), init=False)
+    _arrival_steps: deque[float] = field(default_factory=lambda: deque(maxlen=PTS_RATE_STEPS), init=False)
+    _prev_arrival_s: float | None = field(default=None, init=False)
     _anchor_wall_s: float | None = field(default=None, init=False)
     _stream_s: float = field(default=0.0, init=False)  # unwrapped stream time since the anchor
     _prev_raw_s: float | None = field(default=None, init=False)
@@ -91,6 +111,8 @@ class StreamClock:
 
     def __call__(self, raw_s: float | None, arrival_s: float) -> float:
         """Wall-clock time of a frame with stream time ``raw_s`` (None: no PTS) seen at ``arrival_s``."""
+        if self.live and self.arrival:
+            return self._emit(arrival_s)
         if self._anchor_wall_s is None:
             if self.live:
                 first = arrival_s if self.opened_s is None else min(self.opened_s, arrival_s)
@@ -107,6 +129,9 @@ class StreamClock:
             ts = arrival_s if self.live else self._last_ts_s + self._last_step_s
             return self._emit(ts)
         step = unwrap_pts(self._prev_raw_s, raw_s, self.wrap_s)
+        if self.live and 0 <= step <= MAX_PTS_STEP_S and self._pts_too_slow(step, arrival_s):
+            self.arrival = True
+            return self._emit(arrival_s)
         if step < 0 or step > MAX_PTS_STEP_S:
             if self.live:
                 self.reanchors += 1
@@ -130,6 +155,23 @@ class StreamClock:
         if step > 0:
             self._last_step_s = step
         return self._emit(ts)
+
+    def _pts_too_slow(self, step_s: float, arrival_s: float) -> bool:
+        """Record one PTS step and its arrival step; whether PTS now runs too slow to be real."""
+        if self._prev_arrival_s is not None:
+            self._pts_steps.append(step_s)
+            self._arrival_steps.append(arrival_s - self._prev_arrival_s)
+        self._prev_arrival_s = arrival_s
+        if len(self._pts_steps) < PTS_RATE_STEPS:
+            return False
+        arrival_step = statistics.median(self._arrival_steps)
+        if arrival_step <= TIME_EPSILON_S:
+            return False
+        rate = statistics.median(self._pts_steps) / arrival_step
+        if rate >= MIN_PTS_RATE:
+            return False
+        self.pts_rate = rate
+        return True
 
     def _anchor(self, raw_s: float | None, wall_s: float) -> None:
         self._anchor_wall_s = wall_s
@@ -241,3 +283,47 @@ class ChunkBuilder:
     @property
     def pending(self) -> int:
         return len(self._frames)
+
+
+# --------------------------------------------------------------------------- rates
+
+
+@dataclass(slots=True)
+class RateMeter:
+    """Frames per second over the last ``window_s`` seconds, decaying to 0 when frames stop.
+
+    ``record(now_s, decoded, sampled, ts_s)`` takes cumulative counters (over every connection) and
+    the newest frame's stream time, at each watchdog tick; ``rates`` (given the counters as they are
+    at ``now_s``) divides the frames
+    counted since the record ``window_s`` ago (or the oldest, in the first seconds) by the longer
+    of the wall time since that record and the stream time the frames span. Wall time makes the
+    rate fall while nothing arrives (a camera reconnecting reads 0 after a window); stream time
+    keeps FFmpeg's probing burst (2 s of frames delivered at once) from reading as 10x the rate.
+    Records start with the first frame, so the first second already shows the real rate.
+    """
+
+    window_s: float
+    _marks: deque[tuple[float, int, int, float]] = field(default_factory=deque, init=False)
+
+    def record(self, now_s: float, decoded: int, sampled: int, ts_s: float) -> None:
+        if decoded == 0:
+            return  # no frame yet: the window starts with the first one
+        self._marks.append((now_s, decoded, sampled, ts_s))
+        # Keep one mark at or before the window's start: it is the base of the rate.
+        while len(self._marks) > 1 and self._marks[1][0] <= now_s - self.window_s:
+            self._marks.popleft()
+
+    def rates(self, now_s: float, decoded: int, sampled: int, ts_s: float) -> tuple[float, float]:
+        """(decoded, sampled) frames per second at ``now_s``, given the counters as they are now."""
+        if not self._marks:
+            return 0.0, 0.0
+        base = self._marks[0]
+        for mark in self._marks:
+            if mark[0] > now_s - self.window_s:
+                break
+            base = mark
+        frames, kept = decoded - base[1], sampled - base[2]
+        span_s = max(now_s - base[0], ts_s - base[3])
+        if frames <= 0 or span_s <= TIME_EPSILON_S:
+            return 0.0, 0.0
+        return frames / span_s, kept / span_s

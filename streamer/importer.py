@@ -323,7 +323,7 @@ def cli_import(args: argparse.Namespace) -> int:
     config = Path(args.config) if args.config else None
     settings = load_settings(config if config is not None and config.exists() else None)
     tz = settings.tz
-    if not CAMERA_NAME_RE.match(args.camera):
+    if not CAMERA_NAME_RE.fullmatch(args.camera):
         print(f"invalid camera name {args.camera!r}: use 1-64 characters of a-z, 0-9, '_' or '-'", file=sys.stderr)
         return 2
     try:

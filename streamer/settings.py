@@ -5,18 +5,27 @@ every field carries a description, units are in the names. Secrets (MQTT and Red
 never need to be in YAML: they come from the environment or from systemd credentials.
 
 Environment overrides use ``VIGIL_`` plus the key path joined by ``__``, for example
-``VIGIL_MQTT__HOST=broker.lan`` or ``VIGIL_CAMERAS__FRONT_DOOR__SAMPLE_FPS=2``. Values are
-parsed as YAML scalars, so ``VIGIL_MQTT__PORT=8883`` is an integer.
+``VIGIL_MQTT__HOST=broker.lan`` or ``VIGIL_CAMERAS__FRONT_DOOR__SAMPLE_FPS=2``. What a value means
+depends on the field it sets: text fields (host names, URLs, passwords, prefixes) take it verbatim,
+so ``VIGIL_MQTT__PASSWORD='abc #def'`` is that whole string, quotes and all; numbers, booleans and
+other typed fields read it as a YAML scalar, so ``VIGIL_MQTT__PORT=8883`` is an integer. An empty
+value unsets an optional field.
+
+Error messages never contain a configured value: a value may be a secret, and pydantic's own
+messages would print it (``input_value=...``).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -36,12 +45,61 @@ ENV_SEPARATOR = "__"
 
 # Camera names become MQTT topic levels and parts of Redis keys, so they must not contain
 # MQTT wildcards/separators or Redis hash-tag braces. Lower case keeps case-insensitive lookup simple.
-CAMERA_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-TOPIC_PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
+# Always used with fullmatch: '$' also matches before a final newline, so match() with '$' accepts "cam\n".
+CAMERA_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+TOPIC_PREFIX_RE = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
+# Redis key prefixes: printable, no whitespace, no hash-tag braces (memory/keys.py puts camera names
+# in a {tag} after it).
+KEY_PREFIX_RE = re.compile(r"[!-z|~]{1,128}")
+
+# Camera URL schemes and the kind of source each opens as (streamer/sources.py opens them).
+# No scheme (a path) and file:// are files; lavfi:GRAPH and /dev/videoN are matched by prefix.
+SOURCE_SCHEMES: dict[str, Literal["rtsp", "rtmp", "http", "file"]] = {
+    "rtsp": "rtsp",
+    "rtsps": "rtsp",
+    "rtmp": "rtmp",
+    "rtmps": "rtmp",
+    "http": "http",
+    "https": "http",
+    "file": "file",
+    "": "file",
+}
+LAVFI_PREFIX = "lavfi:"
+V4L2_PREFIX = "/dev/video"
+
+
+def url_scheme(url: str) -> str:
+    """The lower-cased scheme of a camera URL ('' for a plain path); never raises."""
+    try:
+        return urlsplit(url).scheme.lower()
+    except ValueError:  # a malformed IPv6 host: take the text before ':'
+        return url.partition(":")[0].lower() if "://" in url else ""
+
+
+def _check_camera_url(url: str) -> str:
+    # The message never repeats the URL: it may hold credentials.
+    if url.startswith((LAVFI_PREFIX, V4L2_PREFIX)):
+        return url
+    if not url.strip():
+        raise ValueError("must not be empty")
+    scheme = url_scheme(url)
+    if scheme not in SOURCE_SCHEMES:
+        raise ValueError(
+            f"unsupported scheme {scheme!r}: use rtsp, rtsps, rtmp, rtmps, http(s) (HLS, MJPEG), a file path "
+            "or file://, /dev/videoN or lavfi:GRAPH"
+        )
+    if SOURCE_SCHEMES[scheme] != "file":
+        try:
+            host = urlsplit(url).hostname
+        except ValueError:
+            raise ValueError("the host is not a valid address (an IPv6 address goes in [brackets])") from None
+        if not host:
+            raise ValueError(f"a {scheme}:// URL needs a host")
+    return url
 
 
 def _check_camera_name(name: str) -> str:
-    if not CAMERA_NAME_RE.match(name):
+    if not CAMERA_NAME_RE.fullmatch(name):
         raise ValueError(
             f"camera name {name!r} is invalid: use 1-64 characters of a-z, 0-9, '_' or '-', "
             "starting with a letter or digit (names become MQTT topic levels and Redis keys)"
@@ -59,9 +117,9 @@ class _Strict(BaseModel):
 class CameraSettings(_Strict):
     """One camera: where to read it and how to sample it."""
 
-    url: str = Field(
+    url: Annotated[str, AfterValidator(_check_camera_url)] = Field(
         description=(
-            "Source: rtsp://, rtsps://, rtmp://, http(s):// (HLS, MJPEG), a local file path, "
+            "Source: rtsp://, rtsps://, rtmp://, rtmps://, http(s):// (HLS, MJPEG), a local file path or file://, "
             "a V4L2 device (/dev/videoN) or lavfi:GRAPH (an FFmpeg test source, "
             "e.g. lavfi:testsrc2=size=640x360:rate=10)."
         )
@@ -77,8 +135,12 @@ class CameraSettings(_Strict):
     max_frames_per_chunk: int = Field(
         default=16, ge=1, le=256, description="Cap on frames in one chunk; a chunk closes early when it is reached."
     )
-    rtsp_transport: Literal["tcp", "udp"] = Field(
-        default="tcp", description="RTSP transport. TCP survives lossy networks; UDP has lower latency."
+    rtsp_transport: Literal["auto", "tcp", "udp"] = Field(
+        default="auto",
+        description=(
+            "RTSP transport. auto: TCP, and UDP when the camera refuses TCP. TCP survives lossy networks "
+            "and NAT; UDP has lower latency."
+        ),
     )
     loop: bool = Field(default=False, description="Files only: start again at the end, acting as a live camera.")
     realtime: bool | None = Field(
@@ -143,10 +205,8 @@ class MqttSettings(_Strict):
     @field_validator("topic_prefix")
     @classmethod
     def _topic(cls, value: str) -> str:
-        if not TOPIC_PREFIX_RE.match(value):
-            raise ValueError(
-                f"topic_prefix {value!r} must be topic levels of letters, digits, '_' or '-' joined by '/'"
-            )
+        if not TOPIC_PREFIX_RE.fullmatch(value):
+            raise ValueError("must be topic levels of letters, digits, '_' or '-' joined by '/'")
         return value
 
 
@@ -170,6 +230,13 @@ class RedisSettings(_Strict):
     def _scheme(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not KEY_PREFIX_RE.fullmatch(value):
+            raise ValueError("must be 1-128 printable characters without whitespace or braces")
         return value
 
 
@@ -270,7 +337,7 @@ class Settings(_Strict):
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"unknown time zone {value!r}") from exc
+            raise ValueError("unknown time zone (use an IANA name such as Europe/Berlin)") from exc
         return value
 
     @property
@@ -336,15 +403,95 @@ def _set_path(raw: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+_TEXT_TYPES = (str, SecretStr, Path)
+
+
+def _field_type(model: type[BaseModel], keys: list[str]) -> Any:
+    """The annotation of the field at ``keys`` under ``model``; None where the path is not in the schema."""
+    annotation: Any = model
+    for key in keys:
+        annotation = _unwrap(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(key)
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[1]  # cameras: {name: CameraSettings}
+        else:
+            return None
+    return annotation
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``Annotated[T, ...]`` → T."""
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
+def _union_members(annotation: Any) -> tuple[Any, ...]:
+    annotation = _unwrap(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return tuple(_unwrap(member) for member in typing.get_args(annotation))
+    return (annotation,)
+
+
+def _is_text(annotation: Any) -> bool:
+    """Whether a field holds text (its env value is verbatim): str, SecretStr, Path, a Literal of
+    strings, each optionally None."""
+    members = [m for m in _union_members(annotation) if m is not type(None)]
+
+    def text(member: Any) -> bool:
+        if typing.get_origin(member) is Literal:
+            return all(isinstance(choice, str) for choice in typing.get_args(member))
+        return isinstance(member, type) and issubclass(member, _TEXT_TYPES)
+
+    return bool(members) and all(text(m) for m in members)
+
+
+def _is_optional(annotation: Any) -> bool:
+    return type(None) in _union_members(annotation)
+
+
+def env_value(keys: list[str], text: str) -> Any:
+    """What the environment value ``text`` for the key path ``keys`` means (module docstring).
+
+    Raises ValueError, without the value in the message, when a typed field's text is not YAML.
+    """
+    annotation = _field_type(Settings, keys)
+    if text == "":
+        return None if annotation is not None and _is_optional(annotation) else ""
+    if annotation is None or _is_text(annotation):
+        # Unknown keys too: the schema reports them, and a typo'd secret stays a plain string.
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        # The YAML error would quote the value, so it is not passed on.
+        raise ValueError("not a valid value for this field (parsed as a YAML scalar)") from None
+
+
 def apply_env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
-    """Overlay ``VIGIL_A__B=value`` variables onto the raw config mapping (keys lower-cased)."""
+    """Overlay ``VIGIL_A__B=value`` variables onto the raw config mapping (keys lower-cased).
+
+    Raises ConfigError (naming the variable, never its value) for a typed value that is not YAML.
+    """
+    issues: list[ConfigIssue] = []
     for name, text in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name == "VIGIL_CONFIG":
             continue
         keys = [part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_SEPARATOR)]
         if not all(keys):
             continue
-        _set_path(raw, keys, yaml.safe_load(text) if text else "")
+        try:
+            value = env_value(keys, text)
+        except ValueError as exc:
+            issues.append(ConfigIssue(".".join(keys), f"environment variable {name}: {exc}"))
+            continue
+        _set_path(raw, keys, value)
+    if issues:
+        raise ConfigError("<environment>", issues)
     return raw
 
 
@@ -354,7 +501,8 @@ def _credential(name: str, environ: dict[str, str]) -> str | None:
     if not directory:
         return None
     path = Path(directory) / name
-    return path.read_text().strip() if path.is_file() else None
+    # Only the line end an editor or `echo` adds: spaces may be part of the secret.
+    return path.read_text().rstrip("\r\n") if path.is_file() else None
 
 
 def load_settings(path: str | Path | None, environ: dict[str, str] | None = None) -> Settings:
@@ -374,12 +522,18 @@ def load_settings(path: str | Path | None, environ: dict[str, str] | None = None
         raw = yaml.safe_load(text) if text.strip() else {}
         lines = _yaml_lines(text) if text.strip() else {}
     except yaml.YAMLError as exc:
+        # Only the problem and its place: str(exc) quotes the offending line, which may hold a secret.
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
-        raise ConfigError(source, [ConfigIssue("", f"not valid YAML: {exc}", line)]) from exc
+        where = f" (column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(source, [ConfigIssue("", f"not valid YAML: {problem}{where}", line)]) from None
     if not isinstance(raw, dict):
         raise ConfigError(source, [ConfigIssue("", "the top level must be a mapping of keys to values", 1)])
-    raw = apply_env_overrides(raw, env)
+    try:
+        raw = apply_env_overrides(raw, env)
+    except ConfigError as exc:
+        raise ConfigError(source, exc.issues) from None
     for section, cred in (("mqtt", "mqtt_password"), ("redis", "redis_password")):
         secret = _credential(cred, env)
         if secret is not None and not (raw.get(section) or {}).get("password"):
@@ -394,4 +548,6 @@ def load_settings(path: str | Path | None, environ: dict[str, str] | None = None
             # The line of the deepest key that exists in the file.
             line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
             issues.append(ConfigIssue(".".join(loc), message, line))
-        raise ConfigError(source, issues) from exc
+        # from None: the ValidationError's text repeats each input value (input_value=...), and a
+        # traceback of this error would print it.
+        raise ConfigError(source, issues) from None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import av
 import av.container
@@ -27,28 +27,30 @@ import av.video.frame
 import av.video.stream
 
 from streamer.frames import Frame, Sampler, StreamClock
-from streamer.settings import CameraSettings
+from streamer.redact import redact_url
+from streamer.settings import LAVFI_PREFIX, SOURCE_SCHEMES, V4L2_PREFIX, CameraSettings, url_scheme
 
 log = logging.getLogger(__name__)
 
 SourceKind = Literal["rtsp", "rtmp", "http", "file", "v4l2", "lavfi"]
 
-LAVFI_PREFIX = "lavfi:"
-V4L2_PREFIX = "/dev/video"
 US_PER_S = 1_000_000  # FFmpeg's socket timeouts are in microseconds
 # MPEG-TS (and so HLS) PTS are 33-bit at 90 kHz: they wrap every 2**33 / 90000 s ≈ 26.5 h.
 MPEGTS_WRAP_S = 2**33 / 90_000
-_SCHEMES: dict[str, SourceKind] = {
-    "rtsp": "rtsp",
-    "rtsps": "rtsp",
-    "rtmp": "rtmp",
-    "rtmps": "rtmp",
-    "http": "http",
-    "https": "http",
-}
 # Decoder threads per stream: two keep one core per camera busy at most on small machines
 # (PyAV's default AUTO threading; docs/ingest.md, Measurements).
 DECODE_THREADS = 2
+# rtsp_transport: auto tries these in order. TCP first: it passes NAT and firewalls and loses
+# nothing; UDP for cameras that refuse interleaved TCP (461 Unsupported Transport).
+AUTO_RTSP_TRANSPORTS = ("tcp", "udp")
+# An open that failed after this share of open_timeout_s was ended by the timeout.
+OPEN_TIMEOUT_SHARE = 0.95
+# Demuxers whose timestamps are invented, not the camera's: FFmpeg's multipart-JPEG (MJPEG over
+# HTTP) and raw image demuxers stamp frames at a fixed 25 fps (their default framerate option)
+# whatever the real rate is. Frames of these follow arrival time (docs/ingest.md, Timestamps).
+ARRIVAL_TIME_FORMATS = frozenset(
+    {"mpjpeg", "mjpeg", "jpeg_pipe", "image2", "image2pipe", "png_pipe", "webp_pipe", "bmp_pipe", "gif_pipe"}
+)
 
 
 class SourceError(Exception):
@@ -67,23 +69,13 @@ class SourceSpec:
     live: bool  # timestamps anchored on arrival time
     paced: bool  # decoding waits to follow timestamps in real time
     loop: bool  # start again at the end (files)
-    display: str  # the URL with credentials removed, for logs and status
+    display: str  # the URL without credentials, query values or fragment (redact_url), for logs and status
+    transports: tuple[str, ...] = ()  # RTSP: rtsp_transport values tried in order (auto: TCP, UDP)
 
     @property
     def wrap_s(self) -> float | None:
         """PTS wrap period; FFmpeg already unwraps most streams, this catches the rest."""
         return MPEGTS_WRAP_S if self.kind == "http" else None
-
-
-def redact(url: str) -> str:
-    """``url`` without a password (camera URLs often embed credentials)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"{parts.username}:***@{host}", parts.path, parts.query, parts.fragment))
 
 
 def parse_source(url: str, settings: CameraSettings) -> SourceSpec:
@@ -99,36 +91,52 @@ def parse_source(url: str, settings: CameraSettings) -> SourceSpec:
     if url.startswith(V4L2_PREFIX):
         # A webcam that is unplugged may come back, so a missing device is retried, not failed.
         return SourceSpec("v4l2", url, "v4l2", {}, timeouts, live=True, paced=False, loop=False, display=url)
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme in _SCHEMES:
-        kind = _SCHEMES[scheme]
-        if not parts.hostname:
-            raise SourceError(f"{redact(url)}: no host in URL")
+    display = redact_url(url)
+    scheme = url_scheme(url)
+    kind = SOURCE_SCHEMES.get(scheme)
+    if kind is None:
+        raise SourceError(
+            f"{display}: unsupported scheme {scheme!r} (use rtsp, rtsps, rtmp, rtmps, http(s), a file path, "
+            "/dev/videoN or lavfi:GRAPH)"
+        )
+    if kind != "file":
+        try:
+            host = urlsplit(url).hostname
+        except ValueError:  # a malformed IPv6 host
+            host = None
+        if not host:
+            raise SourceError(f"{display}: no host in URL")
         if kind == "rtsp":
-            options = {"rtsp_transport": settings.rtsp_transport, "timeout": read_us}
+            options = {"timeout": read_us}
+            transports = AUTO_RTSP_TRANSPORTS if settings.rtsp_transport == "auto" else (settings.rtsp_transport,)
         else:
             # rw_timeout is the generic protocol I/O timeout (tcp, http, rtmp, hls segments).
-            options = {"rw_timeout": read_us}
-        return SourceSpec(kind, url, None, options, timeouts, live=True, paced=False, loop=False, display=redact(url))
-    if scheme in ("", "file"):
-        path = Path(parts.path if scheme == "file" else url)
-        if not path.is_file():
-            raise SourceError(f"{url}: no such file" if not path.exists() else f"{url}: not a regular file")
+            options, transports = {"rw_timeout": read_us}, ()
         return SourceSpec(
-            "file",
-            str(path),
+            kind,
+            url,
             None,
-            {},
-            None,
-            live=False,
-            paced=settings.paced,
-            loop=settings.loop,
-            display=url,
+            options,
+            timeouts,
+            live=True,
+            paced=False,
+            loop=False,
+            display=display,
+            transports=transports,
         )
-    raise SourceError(
-        f"{redact(url)}: unsupported scheme {scheme!r} (use rtsp, rtsps, rtmp, http(s), a file path, "
-        "/dev/videoN or lavfi:GRAPH)"
+    path = Path(urlsplit(url).path if scheme == "file" else url)
+    if not path.is_file():
+        raise SourceError(f"{display}: no such file" if not path.exists() else f"{display}: not a regular file")
+    return SourceSpec(
+        "file",
+        str(path),
+        None,
+        {},
+        None,
+        live=False,
+        paced=settings.paced,
+        loop=settings.loop,
+        display=display,
     )
 
 
@@ -156,9 +164,38 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def open_attempts(spec: SourceSpec) -> list[dict[str, str]]:
+    """The ``av.open`` options to try, in order: one per RTSP transport (auto: TCP, then UDP), else one."""
+    if not spec.transports:
+        return [dict(spec.options)]
+    return [{**spec.options, "rtsp_transport": transport} for transport in spec.transports]
+
+
 def open_source(spec: SourceSpec) -> av.container.InputContainer:
-    """Open the source and set up its video decoder (threads); raise on failure."""
-    container = av.open(spec.target, mode="r", format=spec.format, options=spec.options, timeout=spec.timeout)
+    """Open the source and set up its video decoder (threads); raise on failure.
+
+    With more than one RTSP transport, a failed open tries the next one. An open that ran into the
+    open timeout does not: the camera did not answer at all, and the next transport would only
+    wait as long again.
+    """
+    attempts = open_attempts(spec)
+    for number, options in enumerate(attempts, start=1):
+        began = time.monotonic()
+        try:
+            container = av.open(spec.target, mode="r", format=spec.format, options=options, timeout=spec.timeout)
+        except av.error.FFmpegError as exc:
+            timed_out = spec.timeout is not None and time.monotonic() - began >= spec.timeout[0] * OPEN_TIMEOUT_SHARE
+            if number == len(attempts) or timed_out:
+                raise
+            log.info(
+                "%s: RTSP over %s failed (%s); trying %s",
+                spec.display,
+                options["rtsp_transport"].upper(),
+                describe(exc),
+                attempts[number]["rtsp_transport"].upper(),
+            )
+            continue
+        break
     try:
         if not container.streams.video:
             raise SourceError(f"{spec.display}: no video stream")
@@ -169,6 +206,14 @@ def open_source(spec: SourceSpec) -> av.container.InputContainer:
         container.close()
         raise
     return container
+
+
+def follows_arrival(spec: SourceSpec, container: av.container.InputContainer) -> bool:
+    """Whether a live source's frames are stamped with their arrival time from the first frame:
+    its demuxer invents timestamps (``ARRIVAL_TIME_FORMATS``). Other live sources follow their
+    timestamps until ``StreamClock`` finds them running slower than real time."""
+    names = set((container.format.name or "").split(","))
+    return spec.live and bool(names & ARRIVAL_TIME_FORMATS)
 
 
 def creation_time_s(container: av.container.InputContainer) -> float | None:
@@ -197,6 +242,7 @@ class DecodeStats:
     bad_packets: int = 0
     sampled: int = 0
     loops: int = 0
+    first_frame_mono: float = 0.0  # time.monotonic() of the first decoded frame (0: none yet)
     last_frame_mono: float = 0.0  # time.monotonic() of the last decoded frame (0: none yet)
     last_ts_s: float = 0.0  # wall-clock stamp of the last decoded frame (for rates in stream time)
 
@@ -223,6 +269,8 @@ def decode(
             for frame in frames:
                 stats.decoded += 1
                 stats.last_frame_mono = time.monotonic()
+                if not stats.first_frame_mono:
+                    stats.first_frame_mono = stats.last_frame_mono
                 yield frame
         if not loop or stats.decoded == 0:
             return
@@ -237,11 +285,21 @@ def frame_time_s(frame: av.video.frame.VideoFrame, time_base: float) -> float | 
 
 
 def timestamped(
-    frames: Iterator[av.video.frame.VideoFrame], clock: StreamClock, time_base: float
+    frames: Iterator[av.video.frame.VideoFrame], clock: StreamClock, time_base: float, label: str = ""
 ) -> Iterator[tuple[float, av.video.frame.VideoFrame]]:
-    """Attach the UTC wall-clock time to each frame."""
+    """Attach the UTC wall-clock time to each frame; say so once when the clock turns to arrival time."""
+    arrival = clock.arrival
     for frame in frames:
-        yield clock(frame_time_s(frame, time_base), time.time()), frame
+        ts = clock(frame_time_s(frame, time_base), time.time())
+        if clock.arrival and not arrival:
+            arrival = True
+            log.info(
+                "%s: stream timestamps advance at %.2f of real time (invented by the demuxer?): "
+                "following arrival time",
+                label,
+                clock.pts_rate or 0.0,
+            )
+        yield ts, frame
 
 
 def paced(
@@ -285,7 +343,9 @@ def frames_of(
 ) -> Iterator[Frame]:
     """The whole chain for one open source: sampled, timestamped RGB frames."""
     time_base = float(container.streams.video[0].time_base or 1)
-    items = timestamped(decode(container, stats, loop=spec.loop, abort=abort), clock, time_base)
+    items = timestamped(
+        decode(container, stats, loop=spec.loop, abort=abort), clock, time_base, f"camera {camera}"
+    )
     if spec.paced:
         items = paced(items, abort)
     return sampled(items, sampler, camera, stats)

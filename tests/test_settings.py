@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from memory.keys import RedisKeys
 from streamer.cli import main
 from streamer.settings import CameraSettings, ConfigError, Settings, load_settings
 
@@ -125,3 +126,186 @@ def test_secrets_from_environment_and_credentials(tmp_path: Path) -> None:
 def test_backoff_cap_must_not_be_below_initial_delay() -> None:
     with pytest.raises(ValueError, match="reconnect_max_s"):
         CameraSettings(url="rtsp://x", reconnect_initial_s=10, reconnect_max_s=1)
+
+
+# --------------------------------------------------------------------------- environment values, secrets
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        *("abc #def", "null", "~", "'quoted'", '"dq"', "0123", "yes", "off", "@hunter2"),
+        *("%x", "*star", "[a", "{b", ": c", " pad "),
+    ],
+)
+def test_environment_secrets_and_urls_are_taken_verbatim(secret: str) -> None:
+    env = {
+        "VIGIL_MQTT__PASSWORD": secret,
+        "VIGIL_REDIS__PASSWORD": secret,
+        "VIGIL_MQTT__USERNAME": secret,
+        "VIGIL_MQTT__CLIENT_ID": secret,
+    }
+    settings = load_settings(None, environ=env)
+    assert settings.mqtt.password is not None
+    assert settings.mqtt.password.get_secret_value() == secret
+    assert settings.redis.password is not None
+    assert settings.redis.password.get_secret_value() == secret
+    assert settings.mqtt.username == secret
+    assert settings.mqtt.client_id == secret
+
+
+def test_environment_urls_are_verbatim_and_typed_fields_still_parse(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("cameras:\n  door: {url: rtsp://x/y}\n")
+    url = "rtsp://admin:p#ss@cam/x?token=0123"
+    env = {
+        "VIGIL_CAMERAS__DOOR__URL": url,
+        "VIGIL_REDIS__URL": "redis://:a #b@127.0.0.1:6379/0",
+        "VIGIL_CAMERAS__DOOR__REALTIME": "off",  # bool | None: YAML, so off is false
+        "VIGIL_CAMERAS__DOOR__RTSP_TRANSPORT": "udp",
+        "VIGIL_MQTT__TLS_CA_FILE": "/etc/ssl/my ca #1.pem",
+        "VIGIL_COMPRESSION__TAU_STATIC": "",  # empty unsets an optional field
+        "VIGIL_MQTT__USERNAME": "",
+    }
+    settings = load_settings(cfg, environ=env)
+    assert settings.cameras["door"].url == url
+    assert settings.redis.url == "redis://:a #b@127.0.0.1:6379/0"
+    assert settings.cameras["door"].realtime is False
+    assert settings.cameras["door"].rtsp_transport == "udp"
+    assert str(settings.mqtt.tls_ca_file) == "/etc/ssl/my ca #1.pem"
+    assert settings.compression.tau_static is None
+    assert settings.mqtt.username is None
+
+
+def test_credential_files_keep_spaces_and_lose_only_the_line_end(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt_password").write_text(" two words \n")
+    settings = load_settings(None, environ={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert settings.mqtt.password is not None
+    assert settings.mqtt.password.get_secret_value() == " two words "
+
+
+def test_bad_typed_environment_values_are_located_errors_without_the_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("mqtt:\n  host: 127.0.0.1\n")
+    monkeypatch.setenv("VIGIL_MQTT__PORT", "@hunter2")  # not YAML at all
+    monkeypatch.setenv("VIGIL_MQTT__KEEPALIVE_S", "s3cret-keepalive")  # YAML, but not an int
+    assert main(["check-config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "mqtt.port: environment variable VIGIL_MQTT__PORT" in err
+    assert "hunter2" not in err
+    monkeypatch.delenv("VIGIL_MQTT__PORT")
+    assert main(["check-config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "mqtt.keepalive_s" in err
+    assert "s3cret-keepalive" not in err
+    assert "input_value" not in err
+
+
+def test_config_errors_never_print_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "mqtt:\n  port: s3cret-port\n  topic_prefix: 's3cret/#'\n  keepalive_s: [s3cret-list]\n"
+        "redis:\n  url: 'http://:s3cret-redis@host'\n"
+        "timezone: S3cret/Zone\n"
+        "cameras:\n  door: {url: 'ftp://u:s3cret-cam@host/x', sample_fps: s3cret-fps}\n"
+    )
+    assert main(["check-config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") >= 7, err  # every problem is listed
+    assert "s3cret" not in err.lower(), err
+    assert "input_value" not in err
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={})
+    # No ValidationError chained: a traceback would print its input values.
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["cameras:\n  door:\n    url: rtsp://u:s3cret@cam/x: y\n", 'cameras:\n  door: {url: "rtsp://u:s3cret@cam/x\\q"}\n'],
+)
+def test_yaml_syntax_errors_do_not_quote_the_line(tmp_path: Path, text: str) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={})
+    assert "s3cret" not in str(info.value)
+    assert info.value.issues[0].line in (2, 3)
+
+
+# --------------------------------------------------------------------------- names and URLs
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "path"),
+    [
+        ('cameras:\n  "cam\\n": {url: rtsp://x/y}\n', "cameras.cam\n"),
+        ('mqtt:\n  topic_prefix: "vigil\\n"\n', "mqtt.topic_prefix"),
+        ('redis:\n  key_prefix: "k\\n"\n', "redis.key_prefix"),
+        ('redis:\n  key_prefix: "a{b}"\n', "redis.key_prefix"),
+        ('redis:\n  key_prefix: "a b"\n', "redis.key_prefix"),
+    ],
+)
+def test_names_with_a_trailing_newline_or_bad_characters_are_refused(
+    tmp_path: Path, yaml_text: str, path: str
+) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={})
+    assert any(issue.path.startswith(path) for issue in info.value.issues), info.value.issues
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://host/video.mp4", "unsupported scheme 'ftp'"),
+        ("smb://nas/cam.mp4", "unsupported scheme 'smb'"),
+        ("rtsp:///nohost", "needs a host"),
+        ("http://[::1/x", "not a valid address"),
+        ("", "must not be empty"),
+    ],
+)
+def test_check_config_refuses_unsupported_camera_urls_with_a_located_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str, message: str
+) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"timezone: UTC\ncameras:\n  door:\n    url: '{url}'\n")
+    assert main(["check-config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "line 4: cameras.door.url:" in err
+    assert message in err
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "rtsp://cam/x",
+        "rtsps://cam/x",
+        "rtmp://host/live",
+        "rtmps://host/live",
+        "http://cam/video.mjpg",
+        "https://cam/live.m3u8",
+        "RTSP://cam/x",
+        "rtsp://[::1]:554/x",
+        "/srv/clip.mp4",
+        "clips/relative.mp4",
+        "file:///srv/clip.mp4",
+        "/dev/video0",
+        "lavfi:testsrc2=rate=10",
+    ],
+)
+def test_supported_camera_urls_are_accepted(url: str) -> None:
+    assert CameraSettings(url=url).url == url
+
+
+def test_the_stores_own_key_guard_refuses_a_trailing_newline() -> None:
+    with pytest.raises(ValueError, match="key prefix"):
+        RedisKeys("k\n")
+    with pytest.raises(ValueError, match="cannot be used"):
+        RedisKeys("k").timeline("cam\n")

@@ -11,9 +11,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamer.frames import MAX_PTS_STEP_S, ChunkBuilder, Frame, Sampler, StreamClock, unwrap_pts
+from streamer.frames import (
+    MAX_PTS_STEP_S,
+    PTS_RATE_STEPS,
+    ChunkBuilder,
+    Frame,
+    RateMeter,
+    Sampler,
+    StreamClock,
+    unwrap_pts,
+)
+from streamer.redact import redact_text, redact_url
 from streamer.settings import CameraSettings
-from streamer.sources import MPEGTS_WRAP_S, SourceError, parse_source, redact
+from streamer.sources import MPEGTS_WRAP_S, SourceError, open_attempts, parse_source
 
 DATA = Path(__file__).parent / "data"
 IMAGE = np.zeros((2, 2, 3), np.uint8)
@@ -103,6 +113,72 @@ def test_clock_without_pts_uses_arrival_live_and_last_step_for_files() -> None:
     file(0.0, 0.0)
     file(0.5, 0.0)
     assert file(None, 0.0) == pytest.approx(1.0)
+
+
+def test_live_clock_follows_arrival_when_pts_run_slower_than_real_time() -> None:
+    # FFmpeg's mpjpeg demuxer stamps a 10 fps camera at 25 fps: PTS advance 0.4 s per second.
+    clock = StreamClock(live=True, opened_s=1000.0)
+    rng = random.Random(1)
+    arrivals = [1000.2 + i * 0.1 + rng.uniform(-0.02, 0.02) for i in range(60)]
+    times = [clock(i * 0.04, a) for i, a in enumerate(arrivals)]
+    assert clock.arrival
+    assert clock.pts_rate == pytest.approx(0.4, abs=0.05)
+    switched = PTS_RATE_STEPS + 2  # the anchor frame, the first PTS step, then PTS_RATE_STEPS steps
+    assert times[switched:] == pytest.approx(arrivals[switched:])
+    assert np.all(np.diff(times) >= 0)
+    # Before the switch frames lag by the open delay (0.2 s) plus what 1.7 s of slow PTS lost
+    # (1 s), and never lead arrival.
+    assert all(a - 1.3 <= t <= a for t, a in zip(times, arrivals, strict=True))
+
+
+def test_live_clock_keeps_real_pts_through_a_burst_and_jitter() -> None:
+    clock = StreamClock(live=True, opened_s=1000.0)
+    rng = random.Random(2)
+    burst = [clock(i * 0.1, 1002.0 + i * 0.001) for i in range(20)]  # probing: 2 s of frames at once
+    steady = [clock(i * 0.1, 1002.05 + (i - 20) * 0.1 + rng.uniform(0, 0.05)) for i in range(20, 80)]
+    assert not clock.arrival
+    assert np.allclose(np.diff(burst + steady), 0.1)
+
+
+def test_live_clock_told_to_follow_arrival_uses_it_from_the_first_frame() -> None:
+    clock = StreamClock(live=True, opened_s=1000.0, arrival=True)
+    arrivals = [1000.5, 1000.6, 1000.6, 1000.75]
+    assert [clock(i * 0.04, a) for i, a in enumerate(arrivals)] == arrivals
+    file = StreamClock(live=False, start_s=0.0, arrival=True)  # files always follow their PTS
+    assert [file(i * 0.04, 99.0) for i in range(3)] == pytest.approx([0.0, 0.04, 0.08])
+
+
+# --------------------------------------------------------------------------- rates
+
+
+def test_rate_meter_shows_the_rate_in_the_first_second_and_ignores_a_burst() -> None:
+    meter = RateMeter(window_s=5.0)
+    # 20 frames (2 s of stream) arrive at once at t=2, then 10 fps in real time.
+    decoded, ts = 20, 102.0
+    meter.record(2.0, decoded, 2, ts)
+    for tick in range(1, 5):  # ticks every 0.25 s
+        now = 2.0 + tick * 0.25
+        decoded, ts = 20 + int(tick * 2.5), 102.0 + tick * 0.25
+        meter.record(now, decoded, 2, ts)
+    fps, _ = meter.rates(3.0, 30, 3, 103.0)
+    assert fps == pytest.approx(10.0)
+    # Bursty from the start: 20 frames in 0.25 s of wall time span 2 s of stream time.
+    burst = RateMeter(window_s=5.0)
+    burst.record(0.0, 1, 1, 100.0)
+    assert burst.rates(0.25, 21, 2, 102.0)[0] == pytest.approx(10.0)
+
+
+def test_rate_meter_decays_to_zero_while_no_frames_arrive() -> None:
+    meter = RateMeter(window_s=5.0)
+    for tick in range(41):  # 10 s at 10 fps, 1 fps sampled
+        now = tick * 0.25
+        meter.record(now, 1 + int(now * 10), 1 + int(now), 100.0 + now)
+    assert meter.rates(10.0, 101, 11, 110.0) == pytest.approx((10.0, 1.0), rel=0.06)
+    # The camera goes away: nothing is recorded any more (the worker is reconnecting).
+    half = meter.rates(12.5, 101, 11, 110.0)[0]
+    assert 3.0 < half < 7.0
+    assert meter.rates(15.1, 101, 11, 110.0) == (0.0, 0.0)
+    assert RateMeter(window_s=5.0).rates(1.0, 0, 0, 0.0) == (0.0, 0.0)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -203,17 +279,30 @@ def _cam(url: str, **kwargs: object) -> CameraSettings:
     return CameraSettings(url=url, **kwargs)  # type: ignore[arg-type]
 
 
-def test_rtsp_defaults_to_tcp_with_socket_timeout_and_redacts_credentials() -> None:
+def _unchecked(url: str) -> CameraSettings:
+    """Settings with a URL that validation would refuse: parse_source has its own guard."""
+    return CameraSettings(url="rtsp://cam/x").model_copy(update={"url": url})
+
+
+def test_rtsp_tries_tcp_then_udp_by_default_with_socket_timeout_and_redacts_credentials() -> None:
     url = "rtsp://admin:s3cret@10.0.0.5:554/stream1"
     spec = parse_source(url, _cam(url, read_timeout_s=2.5, open_timeout_s=4.0))
     assert spec.kind == "rtsp"
     assert spec.live
-    assert spec.options == {"rtsp_transport": "tcp", "timeout": "2500000"}
+    assert spec.options == {"timeout": "2500000"}
+    # auto: the options av.open gets, in order: TCP first, then UDP.
+    assert open_attempts(spec) == [
+        {"timeout": "2500000", "rtsp_transport": "tcp"},
+        {"timeout": "2500000", "rtsp_transport": "udp"},
+    ]
     assert spec.timeout == (4.0, 2.5)
     assert "s3cret" not in spec.display
-    assert spec.display == "rtsp://admin:***@10.0.0.5:554/stream1"
-    udp = parse_source("rtsps://cam/x", _cam("rtsps://cam/x", rtsp_transport="udp"))
-    assert udp.options["rtsp_transport"] == "udp"
+    assert spec.display == "rtsp://***@10.0.0.5:554/stream1"
+    for transport in ("tcp", "udp"):
+        one = parse_source("rtsps://cam/x", _cam("rtsps://cam/x", rtsp_transport=transport))
+        assert open_attempts(one) == [{"timeout": "10000000", "rtsp_transport": transport}]
+    http = parse_source("http://cam/x.mjpg", _cam("http://cam/x.mjpg"))
+    assert open_attempts(http) == [{"rw_timeout": "10000000"}]
 
 
 @pytest.mark.parametrize("url", ["rtmp://host/live/key", "https://host/cam/index.m3u8", "http://host/mjpg/video.mjpg"])
@@ -248,9 +337,42 @@ def test_files_devices_and_lavfi() -> None:
 )
 def test_bad_urls_raise_a_clear_source_error(url: str, message: str) -> None:
     with pytest.raises(SourceError, match=message):
-        parse_source(url, _cam(url))
+        parse_source(url, _unchecked(url))
 
 
-def test_redact_leaves_urls_without_password_alone() -> None:
-    assert redact("rtsp://cam:554/x") == "rtsp://cam:554/x"
-    assert redact("rtsp://user@cam/x") == "rtsp://user@cam/x"
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("rtsp://admin:s3cret@10.0.0.5:554/stream1", "rtsp://***@10.0.0.5:554/stream1"),
+        ("rtsp://s3cret@cam/x", "rtsp://***@cam/x"),  # a user-only credential (a token) is a secret too
+        ("rtsp://u:p@[::1]:554/x", "rtsp://***@[::1]:554/x"),
+        ("rtsp://u:p@[::1/x", "rtsp://***@[::1/x"),  # malformed IPv6: urlsplit raises, redact_url does not
+        ("rtsp://us@r:p@ss@cam/x", "rtsp://***@cam/x"),  # '@' inside an unescaped password
+        ("https://cam/live.m3u8?token=s3cret&key=k3y&x", "https://cam/live.m3u8?token=***&key=***&***"),
+        ("http://cam/video.mjpg?user=admin&pwd=", "http://cam/video.mjpg?user=***&pwd="),
+        ("http://cam/a#access_token=s3cret", "http://cam/a#***"),
+        ("redis://:s3cret@127.0.0.1:6379/0", "redis://***@127.0.0.1:6379/0"),
+        ("rtsp://cam:554/x", "rtsp://cam:554/x"),
+        ("/srv/clips/a?b#c.mp4", "/srv/clips/a?b#c.mp4"),  # a path, not a URL
+        ("lavfi:testsrc2=rate=10", "lavfi:testsrc2=rate=10"),
+        ("", ""),
+    ],
+)
+def test_redact_url_removes_credentials_query_values_and_fragments(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+
+
+def test_redact_text_redacts_every_url_and_named_secrets() -> None:
+    text = "open 'rtsp://a:pw1@cam/x' failed; retry http://tok2@h/y?k=v3 with hunter2"
+    out = redact_text(text, ["hunter2", ""])
+    for secret in ("pw1", "tok2", "v3", "hunter2"):
+        assert secret not in out
+    assert "'rtsp://***@cam/x'" in out
+    assert "http://***@h/y?k=***" in out
+
+
+@pytest.mark.parametrize("url", ["ftp://s3cret@cam/x", "ftp://u:s3cret@cam/x?token=s3cret"])
+def test_source_errors_do_not_show_the_secret(url: str) -> None:
+    with pytest.raises(SourceError, match="unsupported scheme 'ftp'") as info:
+        parse_source(url, _unchecked(url))
+    assert "s3cret" not in str(info.value)
