@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -16,6 +17,7 @@ import pytest
 from streamer.camera import RATE_WINDOW_S, CameraStatus, CameraWorker, Outage
 from streamer.frames import Chunk
 from streamer.settings import CameraSettings
+from tests.plugins.net import free_port
 from tests.plugins.rtsp import DATA, RtspServer
 
 UTC = ZoneInfo("UTC")
@@ -248,6 +250,57 @@ async def test_server_that_accepts_and_never_answers_times_out_and_is_retried(rt
     assert "no answer within 1 s" in status.error
     assert cam.rec.outages
     assert cam.rec.outages[0].end_s is None
+
+
+# --------------------------------------------------------------------------- MJPEG over HTTP
+
+MJPEG_FPS = 10
+
+
+@pytest.fixture
+def mjpeg_url() -> Iterator[str]:
+    """FFmpeg's own MJPEG server (multipart JPEG over HTTP, one client) at MJPEG_FPS real frames/s."""
+    if shutil.which("ffmpeg") is None:
+        pytest.fail("the ffmpeg CLI is not installed: `apt-get install ffmpeg` (scripts/setup.sh)", pytrace=False)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/cam.mjpg"
+    # -re: at the clip's real time; fps=10: the camera's rate; -listen 1: serve the first client.
+    cmd = [
+        "ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-i", str(DATA / "car-detection.mp4"),
+        "-vf", f"fps={MJPEG_FPS},scale=320:-2", "-c:v", "mjpeg", "-q:v", "5", "-f", "mpjpeg", "-listen", "1", url,
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield url  # not probed: a probe would be the one client; the worker retries until it listens
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_mjpeg_over_http_follows_arrival_time_not_the_demuxers_invented_25_fps(mjpeg_url: str) -> None:
+    sample_fps = 2.0
+    async with Running("mjpeg", _settings(mjpeg_url, sample_fps=sample_fps, chunk_s=2.0)) as cam:
+        await wait_for(lambda: cam.worker.status().state == "connected", FIRST_FRAME_S, "the first frame")
+        connected = time.time()
+        await asyncio.sleep(8.0)
+        status = cam.worker.status()
+        stopped = time.time()
+    times = cam.rec.frame_times
+    assert status.state == "connected", status
+    # FFmpeg's mpjpeg demuxer stamps frames at 25 fps; the camera sends 10.
+    assert MJPEG_FPS * 0.85 <= status.input_fps <= MJPEG_FPS * 1.15, status
+    assert sample_fps * 0.8 <= status.sampled_fps <= sample_fps * 1.2, status
+    # Stored frames follow arrival: they cover the run at the sample rate, in real time.
+    assert connected - 1.0 <= times[0] <= connected
+    assert times[-1] <= stopped
+    covered_s = times[-1] - times[0]
+    assert covered_s >= (stopped - connected) - 1.5, times
+    assert abs(len(times) - covered_s * sample_fps - 1) <= 2, times
+    steps = np.diff(times)
+    assert np.all(np.abs(steps - 1 / sample_fps) <= 1.5 / MJPEG_FPS), steps
+    # Chunks tile the stream: each covers its chunk_s, no holes between them.
+    for prev, nxt in zip(cam.rec.chunks, cam.rec.chunks[1:], strict=False):
+        assert nxt.start_s - prev.end_s <= 1.5 / MJPEG_FPS, (prev, nxt)
 
 
 # --------------------------------------------------------------------------- bad sources, isolation
