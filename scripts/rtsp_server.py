@@ -12,6 +12,8 @@ GStreamer at real time, so serving costs almost no CPU (docs/ingest.md, Test ser
   video (a camera whose encoder froze).
 * ``--silent``: no GStreamer at all; a TCP server that accepts connections and never answers
   (a camera whose RTSP service hangs).
+* ``--protocols udp`` (or ``tcp``): offer only that lower transport; a SETUP asking for another
+  gets 461 Unsupported Transport (a camera that refuses RTP over the RTSP connection).
 
 Prints ``ready rtsp://127.0.0.1:PORT/MOUNT`` on stdout once listening; stops on SIGTERM/SIGINT.
 """
@@ -48,12 +50,13 @@ def serve_silent(port: int) -> None:
         threading.Thread(target=swallow, args=(conn,), daemon=True).start()
 
 
-def serve_gst(port: int, path: str, mount: str, stall_after_s: float | None) -> None:
+def serve_gst(port: int, path: str, mount: str, stall_after_s: float | None, protocols: str | None) -> None:
     import gi
 
     gi.require_version("Gst", "1.0")
+    gi.require_version("GstRtsp", "1.0")
     gi.require_version("GstRtspServer", "1.0")
-    from gi.repository import GLib, Gst, GstRtspServer
+    from gi.repository import GLib, Gst, GstRtsp, GstRtspServer
 
     Gst.init(None)
     server = GstRtspServer.RTSPServer()
@@ -65,6 +68,9 @@ def serve_gst(port: int, path: str, mount: str, stall_after_s: float | None) -> 
         f'( filesrc location="{path}" ! qtdemux ! h264parse config-interval=-1 ! rtph264pay name=pay0 pt=96 )'
     )
     factory.set_shared(False)
+    if protocols is not None:
+        lower = {"udp": GstRtsp.RTSPLowerTrans.UDP, "tcp": GstRtsp.RTSPLowerTrans.TCP}[protocols]
+        factory.set_protocols(lower)
 
     if stall_after_s is not None:
 
@@ -100,6 +106,7 @@ def main() -> None:
     parser.add_argument("--mount", default="/cam", help="path of the stream (default: %(default)s)")
     parser.add_argument("--stall-after", type=float, help="stop sending video after this many seconds")
     parser.add_argument("--silent", action="store_true", help="accept TCP connections and never answer")
+    parser.add_argument("--protocols", choices=("udp", "tcp"), help="offer only this RTP transport")
     args = parser.parse_args()
     if args.silent:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -107,7 +114,7 @@ def main() -> None:
         return
     if not args.file:
         parser.error("--file is required unless --silent")
-    serve_gst(args.port, args.file, args.mount, args.stall_after)
+    serve_gst(args.port, args.file, args.mount, args.stall_after, args.protocols)
 
 
 if __name__ == "__main__":

@@ -252,6 +252,29 @@ async def test_server_that_accepts_and_never_answers_times_out_and_is_retried(rt
     assert cam.rec.outages[0].end_s is None
 
 
+@pytest.mark.slow
+async def test_rtsp_transport_auto_falls_back_to_udp_when_the_camera_refuses_tcp(
+    rtsp_server_factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = rtsp_server_factory("car-detection.mp4", protocols="udp")  # SETUP over TCP: 461
+    caplog.set_level("INFO", logger="streamer.sources")
+    async with (
+        Running("auto", _settings(server.url, sample_fps=2.0, chunk_s=1.0)) as auto,
+        Running("tcp", _settings(server.url, sample_fps=2.0, chunk_s=1.0, rtsp_transport="tcp")) as tcp,
+    ):
+        await wait_for(lambda: len(auto.rec.chunks) >= 2, FIRST_FRAME_S + 5.0, "chunks over UDP")
+        await wait_for(lambda: tcp.worker.status().reconnects >= 2, 10.0, "refused TCP attempts")
+        tcp_status = tcp.worker.status()
+    assert auto.rec.states[1].state == "connected"
+    assert np.all(np.diff(auto.rec.frame_times) > 0)
+    assert "RTSP over TCP failed" in caplog.text
+    assert "trying UDP" in caplog.text
+    # tcp alone does not fall back: the camera keeps refusing it.
+    assert not tcp.rec.chunks
+    assert tcp_status.state == "reconnecting"
+    assert "not supported" in (tcp_status.error or ""), tcp_status
+
+
 # --------------------------------------------------------------------------- MJPEG over HTTP
 
 MJPEG_FPS = 10

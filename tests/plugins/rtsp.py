@@ -36,6 +36,7 @@ class RtspServer:
     mount: str = "/cam"
     stall_after_s: float | None = None
     silent: bool = False
+    protocols: str | None = None  # "udp" or "tcp": offer only that RTP transport
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -50,6 +51,8 @@ class RtspServer:
             cmd += ["--file", str(self.clip)]
         if self.stall_after_s is not None:
             cmd += ["--stall-after", str(self.stall_after_s)]
+        if self.protocols is not None:
+            cmd += ["--protocols", self.protocols]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not accepts(self.port):
