@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 
+from streamer.redact import redact_text
 from streamer.settings import ConfigError, load_settings
 
 EXIT_OK = 0
@@ -20,18 +22,45 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 DEFAULT_CONFIG = "/etc/vigil/config.yaml"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Shorter secrets are not masked in log text: masking every "abc" would garble the log, and
+# vigil never logs a secret on purpose (this is the net under that rule, not the rule).
+MIN_MASKED_SECRET_CHARS = 4
+# Developer output of the model libraries that a user of the CLI should not see: transformers'
+# warnings about configs and generation, and the progress bars of weight loading and writing
+# (huggingface_hub's switch also turns off transformers' bars). Set before they are imported;
+# a value already in the environment wins.
+QUIET_MODEL_LIBRARIES = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
-def setup_logging(level: str = "INFO") -> None:
-    """One line per event on stderr: journald adds its own timestamps under systemd."""
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
+class RedactingFormatter(logging.Formatter):
+    """Formats as usual, then redacts every URL in the line (and traceback) and masks known secrets."""
+
+    def __init__(self, fmt: str, secrets: Iterable[str] = ()) -> None:
+        super().__init__(fmt)
+        self._secrets = tuple(s for s in secrets if len(s) >= MIN_MASKED_SECRET_CHARS)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record), self._secrets)
+
+
+def setup_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
+    """One line per event on stderr: journald adds its own timestamps under systemd.
+
+    Every line goes through ``RedactingFormatter``: URLs lose credentials and query values,
+    ``secrets`` (the configured passwords) are masked wherever they appear.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter(LOG_FORMAT, secrets))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     # faiss logs which CPU build it tried at INFO: noise in a service's journal.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+
+def quiet_model_libraries(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Turn off the model libraries' developer output (QUIET_MODEL_LIBRARIES) unless set already."""
+    for name, value in QUIET_MODEL_LIBRARIES.items():
+        environ.setdefault(name, value)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -103,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_model_libraries()
     setup_logging()
     try:
         return args.func(args)

@@ -46,6 +46,7 @@ from streamer.ingest import IngestService
 from streamer.maintenance import Maintenance
 from streamer.mqtt_api import MqttApi
 from streamer.notify import Notifier
+from streamer.redact import redact_url
 from streamer.resources import open_resources
 from streamer.settings import Settings, load_settings
 from streamer.timefmt import iso_time
@@ -300,16 +301,23 @@ async def serve(settings: Settings) -> int:
         logger.error("%s", exc)
         return 1
     except redis.exceptions.ConnectionError as exc:
-        logger.error("Redis at %s is unreachable (%s): start it, or fix redis.url", settings.redis.url, exc)
+        logger.error(
+            "Redis at %s is unreachable (%s): start it, or fix redis.url", redact_url(settings.redis.url), exc
+        )
         return 1
     return 0
+
+
+def configured_secrets(settings: Settings) -> list[str]:
+    """The passwords in ``settings``, for the log formatter to mask wherever they might appear."""
+    return [s.get_secret_value() for s in (settings.mqtt.password, settings.redis.password) if s is not None]
 
 
 def cli_serve(args: argparse.Namespace) -> int:
     from streamer.cli import setup_logging  # noqa: PLC0415 - cli imports this module lazily
 
     settings = load_settings(args.config)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, secrets=configured_secrets(settings))
     # Progress bars while loading weights are for terminals, not for the journal.
     transformers.utils.logging.disable_progress_bar()
     return asyncio.run(serve(settings))

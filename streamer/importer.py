@@ -40,6 +40,7 @@ import av.video.frame
 from tqdm import tqdm
 
 from streamer.frames import Chunk, ChunkBuilder, Sampler, StreamClock
+from streamer.redact import redact_text, redact_url
 from streamer.settings import CAMERA_NAME_RE, CameraSettings, load_settings
 from streamer.sources import (
     DecodeStats,
@@ -166,8 +167,8 @@ def iter_chunks(
         spec = parse_source(str(path), file_settings)
         container = open_source(spec)
     except (SourceError, av.error.FFmpegError, OSError) as exc:
-        reason = str(exc) if isinstance(exc, SourceError) else describe(exc)
-        raise ImportFileError(f"cannot open {path}: {reason}") from exc
+        reason = str(exc) if isinstance(exc, SourceError) else redact_text(describe(exc))
+        raise ImportFileError(f"cannot open {redact_url(str(path))}: {reason}") from exc
     try:
         if on_open is not None:
             on_open(container.duration / av.time_base if container.duration else None)
@@ -307,11 +308,12 @@ async def import_file(
 def probe_file(path: str | Path) -> None:
     """Raise ImportFileError unless ``path`` opens as a video (cheap: header only)."""
     try:
-        spec = parse_source(str(path), CameraSettings(url=str(path)))
+        # model_copy: parse_source gives the clear error for a path validation would refuse.
+        spec = parse_source(str(path), CameraSettings(url="file").model_copy(update={"url": str(path)}))
         open_source(spec).close()
     except (SourceError, av.error.FFmpegError, OSError) as exc:
-        reason = str(exc) if isinstance(exc, SourceError) else describe(exc)
-        raise ImportFileError(f"cannot open {path}: {reason}") from exc
+        reason = str(exc) if isinstance(exc, SourceError) else redact_text(describe(exc))
+        raise ImportFileError(f"cannot open {redact_url(str(path))}: {reason}") from exc
 
 
 def cli_import(args: argparse.Namespace) -> int:
