@@ -51,9 +51,9 @@ class CompressorConfig:
     Attributes:
         keep_ratio: share of the encoder's tokens kept for a chunk of typical change, and the
             cap for busier ones. 4% meets the storage target of 20 MB per camera-hour at
-            LLaVA-OV-0.5B's 196 x 896 tokens with the int8 codec (18.5 MB/h on the shared clips,
-            33 MB/h as fp16), with coverage still above uniform pooling and random keep at the
-            same budget and every needle kept (docs/compression.md, section 4). FastVID, HoliTom
+            LLaVA-OV-0.5B's 196 x 896 tokens with the int8 codec (15.7 MB/h on the evaluation
+            clips, 27.5 MB/h as fp16), with coverage and attention fidelity above uniform
+            pooling, random keep and FastVID at the same budget (docs/compression.md, section 4). FastVID, HoliTom
             and VisionZip report near-lossless answers at 10%: raise it where storage allows.
         expected_change: share of tokens that start a new run in a chunk that should get the
             full `keep_ratio`; a chunk with less change keeps proportionally fewer (each new run
@@ -79,7 +79,7 @@ class CompressorConfig:
         salient_share: share of a segment's slots given to salient tokens. FastVID gives 40% to
             its attention-salient tokens (its official `stprune_d`); with novelty in place of
             attention, 30% scored best held out (0.3 > 0.4 > 0.6 in attention fidelity and
-            coverage at every tau_static tried) and still kept every calibration needle.
+            coverage at every tau_static tried) and met the 95% needle constraint there (97%).
         dpc_k: neighbours for the density estimate of DPC-kNN (FastVID 4, HoliTom 7).
         beta: minimum weight of a centre in its merged token (FastVID and HoliTom: 0.6), so a
             centre absorbing many tokens stays recognisable.
