@@ -293,6 +293,7 @@ class Run:
     # encoded ones: used by --calibrate, where the skip threshold varies.
     reference_all: bool = False
     fastvid: FastVIDConfig = field(default_factory=FastVIDConfig)
+    needle_slack_s: float = NEEDLE_SLACK_S
 
 
 def coverage(inputs: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -521,7 +522,9 @@ def needle_trial(
         # over the whole chunk may hold the look but not the time; tests/test_compress.py asks
         # the same of the compressor).
         overlaps = (chunk.t_first < needle_to) & (chunk.t_last > needle_from)  # [M]
-        overlaps &= (chunk.t_first >= needle_from - NEEDLE_SLACK_S) & (chunk.t_last <= needle_to + NEEDLE_SLACK_S)
+        overlaps &= (chunk.t_first >= needle_from - run.needle_slack_s) & (
+            chunk.t_last <= needle_to + run.needle_slack_s
+        )
         kept = F.normalize(chunk.tokens.float(), dim=-1)  # [M, C]
         for c in cells:
             needle = F.normalize(toks[k, c].float(), dim=-1)
@@ -697,6 +700,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-diff", type=float, help="override SkipConfig.cell_diff_threshold")
     parser.add_argument(
+        "--needle-slack-s",
+        type=float,
+        default=NEEDLE_SLACK_S,
+        help="how far beyond the needle's frames a remembering token may reach (inf: content only)",
+    )
+    parser.add_argument(
         "--fastvid-set", action="append", default=[], metavar="FIELD=VALUE", help="override a FastVIDConfig field"
     )
     parser.add_argument("--calibrate", action="store_true", help="grid search on the calibration clips, then stop")
@@ -733,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
         key, _, value = item.partition("=")
         current = getattr(fastvid, key)
         fastvid = dataclasses.replace(fastvid, **{key: value if isinstance(current, str) else type(current)(value)})
-    run = Run(encoder, config, skip, METHODS, max_frames, fastvid=fastvid)
+    run = Run(encoder, config, skip, METHODS, max_frames, fastvid=fastvid, needle_slack_s=args.needle_slack_s)
     print(
         f"encoder {encoder.name}, {max_frames or 'all'} frames per clip at {SAMPLE_FPS:g} fps, "
         f"chunks of {CHUNK_FRAMES}; "
@@ -825,6 +834,7 @@ def main(argv: list[str] | None = None) -> int:
             "config": dataclasses.asdict(config),
             "skip": dataclasses.asdict(skip),
             "fastvid": dataclasses.asdict(fastvid),
+            "needle_slack_s": args.needle_slack_s,
             "methods": figures,
         }
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
