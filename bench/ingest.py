@@ -12,8 +12,11 @@ For each clip, measured in this run on this machine:
 * ``gop``: the same decoding each GOP only up to the last frame still wanted (the default).
 
 Printed per clip: CPU seconds, sampled frames per wall second, times real time (clip duration /
-wall time), and the ratios (ours / ffmpeg CPU; decode-all / skipping CPU). Targets (reported, not
-asserted): default ingest <= 1.2x ffmpeg CPU; skipping >= 2x faster than decode-all at 1 fps.
+wall time), and two separate ratios: ``all/ffm``, our path decoding every frame against ffmpeg
+decoding every frame (the like-for-like overhead of our path), and ``all/gop`` (and
+``all/nonref``), what skipping decode gains on top. ``gop`` against ffmpeg would mix the two
+(less work, not a faster path), so it is not printed. Targets (reported, not asserted):
+like-for-like overhead <= 1.2x ffmpeg CPU; skipping >= 2x faster than decode-all at 1 fps.
 
 ``--live N`` also starts N GStreamer RTSP servers (scripts/rtsp_server.py, the 768x432 clip) and a
 CameraWorker per server at ``--sample-fps``, and reports dropped frames and the largest last-frame
@@ -82,10 +85,13 @@ def duration_s(clip: Path) -> float:
 
 
 def bench_files(clips: list[Path], sample_fps: float, repeats: int) -> None:
-    print(f"# file ingest at sample_fps={sample_fps} (best of {repeats}; CPU seconds)")
+    print(
+        f"# file ingest at sample_fps={sample_fps} (best of {repeats}; CPU seconds); "
+        "all/ffm: like-for-like overhead (both decode every frame); all/gop, all/nonref: skipping gain"
+    )
     header = (
         f"{'clip':34} {'dur s':>6} {'ffmpeg':>7} {'all':>7} {'nonref':>7} {'gop':>7} "
-        f"{'gop/ffm':>7} {'all/gop':>7} {'all/nonref':>10} {'x real':>7} {'smp/s':>7} {'decoded':>12}"
+        f"{'all/ffm':>7} {'all/gop':>7} {'all/nonref':>10} {'x real':>7} {'smp/s':>7} {'decoded':>12}"
     )
     print(header)
     for clip in clips:
@@ -99,7 +105,7 @@ def bench_files(clips: list[Path], sample_fps: float, repeats: int) -> None:
         dur = duration_s(clip)
         print(
             f"{clip.name:34} {dur:6.1f} {ffmpeg_cpu:7.2f} {cpu['none']:7.2f} {cpu['nonref']:7.2f} {cpu['gop']:7.2f} "
-            f"{cpu['gop'] / ffmpeg_cpu:7.2f} {cpu['none'] / cpu['gop']:7.2f} {cpu['none'] / cpu['nonref']:10.2f} "
+            f"{cpu['none'] / ffmpeg_cpu:7.2f} {cpu['none'] / cpu['gop']:7.2f} {cpu['none'] / cpu['nonref']:10.2f} "
             f"{dur / wall:7.0f} {sampled / wall:7.0f} {decoded:5d}/{runs['none'][3]:<6d}"
         )
 

@@ -4,7 +4,7 @@ A private mosquitto (configs/mosquitto.conf settings: set_tcp_nodelay) on a free
 QoS 1 both ways; TCP_NODELAY on every client. The answer function returns at once, so the
 numbers are the protocol path: parse, validate, task, JSON, publish.
 
-    .venv/bin/python -m bench.mqtt_rtt --requests 500   (as a module: bench/retrieval.py would shadow the package)
+    .venv/bin/python -m bench.mqtt_rtt --requests 500   (as a module, so the repository root is on sys.path)
 """
 
 from __future__ import annotations

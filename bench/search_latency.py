@@ -1,13 +1,23 @@
-"""Retrieval latency of VectorIndex against a plain FAISS IndexFlatIP, measured in the same run.
+"""Retrieval latency of VectorIndex against FAISS's own filtered search, measured in the same run.
 
-    .venv/bin/python bench/retrieval.py [--sizes 10000,100000,1000000] [--queries 200]
+    .venv/bin/python -m bench.search_latency [--sizes 10000,100000,1000000] [--queries 200] [--hnsw-max 100000]
 
 Synthetic corpus: ``--cameras`` cameras, chunks spread evenly over ``--days`` days per camera,
 768-d vectors of low rank (a 64-d latent projected up, plus a little noise, L2-normalised), so
 that neighbours have structure as with real SigLIP embeddings. Single-query latency (k=10) is
-reported as p50/p99 for: camera + 1-hour window, camera + 1-day window, camera only, unfiltered,
-and IndexFlatIP (unfiltered, the usual baseline). The two indexes are built one after the other
-to keep memory near one copy of the vectors (about 3 GB at 1M × 768).
+reported as p50/p99 for: camera + 1-hour window, camera + 1-day window, camera only, unfiltered.
+Each filtered case is compared with FAISS doing the same filtering itself, on the same vectors:
+
+* ``IndexFlatIP`` + ``SearchParameters(sel=IDSelectorRange)``: ids are laid out camera by camera
+  in time order, so a camera + time window is one id range, FAISS's cheapest selector; exact.
+* ``IndexHNSWFlat`` (M 32, efConstruction 40, efSearch 64) + ``SearchParametersHNSW(sel=...)``:
+  the same filter inside the graph search; approximate, so its recall@10 against the exact
+  filtered answer is printed too. Built only up to ``--hnsw-max`` vectors (its build dominates
+  the run time on a small CPU).
+
+"vs ours" divides each FAISS p50 by VectorIndex's p50 for the same case (above 1: FAISS slower).
+The indexes are built one after the other to keep memory near one copy of the vectors (about
+3 GB at 1M × 768).
 """
 
 from __future__ import annotations
@@ -136,20 +146,110 @@ def bench_size(total: int, args: argparse.Namespace) -> None:
     flat, ids = _build_flat(args, basis, per_cam, step_s)
     flat_build_s = time.perf_counter() - t
     n_flat = min(args.queries, args.slow_queries)
-    results["IndexFlatIP"] = _percentiles(lambda i: flat.search(queries[i : i + 1], K), n_flat)
+    faiss_results: dict[str, dict[str, tuple[float, float]]] = {"IndexFlatIP + IDSelectorRange": {}}
+    ranges = {name: _id_ranges(case, per_cam, step_s, args.queries) for name, case in cases.items()}
+    for name, rng_ in ranges.items():
+        faiss_results["IndexFlatIP + IDSelectorRange"][name] = _percentiles(
+            lambda i, r=rng_: _faiss_search(flat, queries[i], r[i], faiss.SearchParameters), n_flat
+        )
+    exact = {
+        name: [_faiss_search(flat, queries[i], r[i], faiss.SearchParameters) for i in range(n_flat)]
+        for name, r in ranges.items()
+    }
+    plain = _percentiles(lambda i: flat.search(queries[i : i + 1], K), n_flat)  # no selector at all
     # Sanity: unfiltered results equal the flat index's (both are exact).
     for i, ours in enumerate(ours_top):
         _, labels = flat.search(queries[i : i + 1], K)
         assert ours == [ids[j] for j in labels[0]], f"query {i}: VectorIndex and IndexFlatIP disagree"
+    hnsw_build_s = None
+    recall: dict[str, float] = {}
+    if total <= args.hnsw_max:
+        t = time.perf_counter()
+        hnsw = faiss.IndexHNSWFlat(args.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        for c in range(args.cameras):
+            hnsw.add(_camera_vectors(args.seed, c, per_cam, basis))
+        hnsw_build_s = time.perf_counter() - t
+        faiss_results["IndexHNSWFlat + selector"] = {}
+        for name, rng_ in ranges.items():
+            faiss_results["IndexHNSWFlat + selector"][name] = _percentiles(
+                lambda i, r=rng_: _faiss_search(hnsw, queries[i], r[i], _hnsw_params), n_flat
+            )
+            found = [_faiss_search(hnsw, queries[i], rng_[i], _hnsw_params) for i in range(n_flat)]
+            recall[name] = float(
+                np.mean(
+                    [
+                        len(set(a) & set(b) - {-1}) / max(1, len(set(b) - {-1}))
+                        for a, b in zip(found, exact[name], strict=True)
+                    ]
+                )
+            )
+        del hnsw
     flat.reset()  # frees its vectors before the next size
 
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\n{n:,} chunks ({args.cameras} cameras, {args.days:g} days, dim {args.dim}); load average {load}")
-    print(f"build: VectorIndex {build_s:.1f} s, IndexFlatIP {flat_build_s:.1f} s")
-    print(f"{'search (k=10)':<18}{'p50 ms':>10}{'p99 ms':>10}{'p99 / flat p99':>16}")
-    flat_p99 = results["IndexFlatIP"][1]
+    hnsw_text = "not built (above --hnsw-max)" if hnsw_build_s is None else f"{hnsw_build_s:.1f} s"
+    print(f"build: VectorIndex {build_s:.1f} s, IndexFlatIP {flat_build_s:.1f} s, IndexHNSWFlat {hnsw_text}")
+    print(f"IndexFlatIP, unfiltered, no selector: p50 {plain[0]:.3f} ms, p99 {plain[1]:.3f} ms")
+    header = f"{'search (k=10)':<16}{'VectorIndex p50/p99 ms':>24}"
+    for label in faiss_results:
+        header += f"{label + ' p50/p99 ms':>44}{'vs ours':>9}"
+    if recall:
+        header += f"{'HNSW recall@10':>16}"
+    print(header)
     for name, (p50, p99) in results.items():
-        print(f"{name:<18}{p50:>10.3f}{p99:>10.3f}{p99 / flat_p99:>15.3f}x")
+        line = f"{name:<16}{f'{p50:.3f} / {p99:.3f}':>24}"
+        for per_case in faiss_results.values():
+            f50, f99 = per_case[name]
+            line += f"{f'{f50:.3f} / {f99:.3f}':>44}{f50 / p50:>8.2f}x"
+        if recall:
+            line += f"{recall[name]:>16.3f}"
+        print(line)
+
+
+def _id_ranges(
+    case: tuple[np.ndarray, np.ndarray | None, float], per_cam: int, step_s: float, n_queries: int
+) -> list[tuple[int, int]]:
+    """Per query, the [lo, hi) ids of the case's camera + window (ids: camera-major, time order).
+
+    The rows VectorIndex's filter admits: start < before and end > after (end = start + chunk_s).
+    """
+    cams, starts, length_s = case
+    if not len(cams):
+        return [(0, per_cam * 10**6)] * n_queries  # unfiltered: every id
+    rel_starts = np.arange(per_cam) * step_s  # [per_cam], as _build_ours lays them out
+    rel_ends = rel_starts + min(8.0, step_s)
+    out = []
+    for i in range(n_queries):
+        cam = int(str(cams[i])[3:])
+        lo, hi = 0, per_cam
+        if starts is not None:
+            after, before = float(starts[i]) - T0, float(starts[i]) - T0 + length_s
+            lo = int(np.searchsorted(rel_ends, after, side="right"))
+            hi = int(np.searchsorted(rel_starts, before, side="left"))
+        out.append((cam * per_cam + lo, cam * per_cam + hi))
+    return out
+
+
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 40
+HNSW_EF_SEARCH = 64
+
+
+def _hnsw_params(sel: faiss.IDSelector) -> faiss.SearchParametersHNSW:
+    params = faiss.SearchParametersHNSW(sel=sel)
+    params.efSearch = HNSW_EF_SEARCH
+    return params
+
+
+def _faiss_search(
+    index: faiss.Index, query: np.ndarray, id_range: tuple[int, int], make_params: Callable[..., object]
+) -> list[int]:
+    """FAISS's own filtered search: top-K ids inside [lo, hi)."""
+    selector = faiss.IDSelectorRange(*id_range)
+    _, labels = index.search(query[None, :], K, params=make_params(sel=selector))
+    return [int(j) for j in labels[0]]
 
 
 def main() -> None:
@@ -167,6 +267,7 @@ def main() -> None:
         "IndexFlatIP); at 1M they take 0.1-0.3 s each",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hnsw-max", type=int, default=100_000, help="largest size at which HNSW is built")
     parser.add_argument(
         "--threads",
         type=int,

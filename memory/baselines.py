@@ -1,8 +1,10 @@
 """Baselines at the same token budget as the compressor (pure torch).
 
-`uniform_pool` averages each frame's grid over equal rectangles (the "2-D average pooling"
-baseline of the reference notes); `random_keep` keeps tokens drawn uniformly at random through an
-explicit generator. Both return a `CompressedChunk` so the benchmark measures them like ours.
+Each returns exactly min(budget, T * N) tokens, so a benchmark that passes vigil's count per
+chunk compares equal budgets (tests/test_baselines.py). `uniform_pool` averages each frame's grid
+over near-equal rectangles (the "2-D average pooling" baseline of the reference notes);
+`random_keep` keeps tokens drawn uniformly at random through an explicit generator. Both return a
+`CompressedChunk` so the benchmark measures them like ours.
 """
 
 from __future__ import annotations
@@ -30,61 +32,98 @@ def _check(
         raise ValueError(f"budget must be >= 1, got {budget}")
 
 
-def _pool_shape(k: int, rows: int, cols: int) -> tuple[int, int]:
-    """The largest (h, w) grid with h * w <= k that keeps the aspect ratio of (rows, cols)."""
-    h = max(1, min(rows, math.floor(math.sqrt(k * rows / cols))))
-    w = max(1, min(cols, k // h))
-    return h, w
+def _split_evenly(total: int, parts: int) -> list[int]:
+    """`total` split into `parts` integers that differ by at most one, larger ones first."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def _partition_grid(k: int, rows: int, cols: int) -> Tensor:
+    """Exactly `k` bins over a rows x cols grid: [N] bin id of each cell, N = rows * cols.
+
+    The grid is cut into h horizontal strips (h chosen so bins are about square) and each strip
+    into as many column ranges as its share of `k`; strips differ by at most one bin, so every
+    bin is a near-equal rectangle. A fixed h x w grid could only give h * w <= k bins, which for
+    most k is well below k (it emitted about 20% fewer tokens than the budget; issue 7).
+
+    Args:
+        k: bins wanted, 1 <= k <= rows * cols.
+    """
+    if not 1 <= k <= rows * cols:
+        raise ValueError(f"bins must be in [1, {rows * cols}], got {k}")
+    h = max(1, min(rows, k, round(math.sqrt(k * rows / cols))))
+    while -(-k // h) > cols:  # a strip cannot hold more bins than it has columns
+        h += 1
+    per_strip = _split_evenly(k, h)  # [h] bins in each strip
+    strip_of_row = torch.arange(rows) * h // rows  # [rows]
+    offsets = torch.tensor([0, *per_strip]).cumsum(0)  # [h + 1] first bin id of each strip
+    widths = torch.tensor(per_strip)[strip_of_row]  # [rows] bins in each row's strip
+    col_bin = torch.arange(cols)[None, :] * widths[:, None] // cols  # [rows, cols]
+    return (offsets[strip_of_row][:, None] + col_bin).reshape(-1)
 
 
 def uniform_pool(
     tokens: Tensor, t_start: Tensor, t_end: Tensor, weight: Tensor, grid: tuple[int, int], *, budget: int
 ) -> CompressedChunk:
-    """Uniform spatial pooling to at most `budget` tokens.
+    """Uniform spatial pooling to exactly min(`budget`, T * N) tokens.
 
-    Frames are split into min(T, budget) consecutive groups; each group's tokens are averaged
-    (weighted by frame weight) over an h x w partition of the grid with h * w <= budget // groups.
-    Bins partition the grid exactly, so counts add up to N * sum(weight).
+    Frames are split into G = min(T, budget) consecutive groups; the budget is split over the
+    groups (sizes differ by at most one) and each group's tokens are averaged (weighted by frame
+    weight) over a partition of the grid into exactly that many near-equal rectangles. Bins
+    partition the grid exactly, so counts add up to N * sum(weight).
 
     Args:
         tokens: [T, N, C]; t_start, t_end: [T] float64; weight: [T] int; grid: (rows, cols).
 
     Returns:
-        A CompressedChunk of kind CONTEXT tokens, anchored at each group's first frame and the
-        centre cell of each bin.
+        A CompressedChunk of M = min(budget, T * N) CONTEXT tokens, anchored at each group's
+        first frame and the centre cell of each bin.
     """
     _check(tokens, t_start, t_end, weight, grid, budget=budget)
     t_frames, n, c = tokens.shape
     rows, cols = grid
+    budget = min(budget, t_frames * n)
     n_groups = min(t_frames, budget)
-    h, w = _pool_shape(budget // n_groups, rows, cols)
-    r_idx = torch.arange(rows)[:, None].expand(rows, cols)
-    c_idx = torch.arange(cols)[None, :].expand(rows, cols)
-    bin_of_cell = ((r_idx * h // rows) * w + (c_idx * w // cols)).reshape(-1)  # [N] bin of each cell
     group_of_frame = torch.arange(t_frames) * n_groups // t_frames  # [T]
-    n_bins = h * w
-    target = (group_of_frame[:, None] * n_bins + bin_of_cell[None, :]).reshape(-1)  # [T*N]
+    # Pieces (frames, bins) that each get one grid partition. A group whose share exceeds N
+    # (budgets near T * N) is split into its frames, each with at most N bins.
+    pieces: list[tuple[Tensor, int]] = []
+    for g, share in enumerate(_split_evenly(budget, n_groups)):
+        frames = (group_of_frame == g).nonzero().squeeze(1)  # [f]
+        if share <= n:
+            pieces.append((frames, share))
+        else:
+            pieces += [(frames[i : i + 1], b) for i, b in enumerate(_split_evenly(share, frames.numel()))]
+    target = torch.empty(t_frames, n, dtype=torch.int64)  # [T, N] output token of each input token
+    first_parts, last_parts, row_parts, col_parts = [], [], [], []
+    r_idx = (torch.arange(n) // cols).double()  # [N]
+    c_idx = (torch.arange(n) % cols).double()  # [N]
+    offset = 0
+    for frames, bins in pieces:
+        cell_bin = _partition_grid(bins, rows, cols)  # [N]
+        target[frames] = offset + cell_bin
+        first_parts.append(frames[:1].expand(bins))
+        last_parts.append(frames[-1:].expand(bins))
+        # Anchor each bin at the cell nearest its centre.
+        size = torch.bincount(cell_bin, minlength=bins).double()  # [bins]
+        row_parts.append((torch.zeros(bins, dtype=torch.float64).index_add_(0, cell_bin, r_idx) / size).floor())
+        col_parts.append((torch.zeros(bins, dtype=torch.float64).index_add_(0, cell_bin, c_idx) / size).floor())
+        offset += bins
+    m = offset
+    target = target.reshape(-1)  # [T*N]
     wt = weight.to(torch.float64)[:, None].expand(t_frames, n).reshape(-1)  # [T*N]
-    m = n_groups * n_bins
     count = torch.zeros(m, dtype=torch.float64).index_add_(0, target, wt)
-    feat = torch.zeros(m, c, dtype=torch.float64).index_add_(
-        0, target, tokens.reshape(-1, c).double() * wt[:, None]
-    )
+    feat = torch.zeros(m, c, dtype=torch.float64).index_add_(0, target, tokens.reshape(-1, c).double() * wt[:, None])
     feat = (feat / count[:, None]).to(tokens.dtype)
-    g = torch.arange(m) // n_bins
-    b = torch.arange(m) % n_bins
-    first_frame = torch.searchsorted(group_of_frame, g)  # [M] first frame of each group
-    last_frame = torch.searchsorted(group_of_frame, g, right=True) - 1
-    # Anchor each bin at its centre cell.
-    bin_row = ((2 * (b // w) + 1) * rows) // (2 * h)
-    bin_col = ((2 * (b % w) + 1) * cols) // (2 * w)
+    first_frame = torch.cat(first_parts)  # [M]
+    last_frame = torch.cat(last_parts)  # [M]
     return CompressedChunk(
         tokens=feat,
         t_first=t_start.to(torch.float64)[first_frame],
         t_last=t_end.to(torch.float64)[last_frame],
         frame=first_frame.to(torch.int32),
-        row=bin_row.to(torch.int16),
-        col=bin_col.to(torch.int16),
+        row=torch.cat(row_parts).to(torch.int16),
+        col=torch.cat(col_parts).to(torch.int16),
         count=count.round().to(torch.int32),
         kind=torch.full((m,), int(TokenKind.CONTEXT), dtype=torch.int8),
         segment=torch.zeros(m, dtype=torch.int16),
@@ -103,7 +142,7 @@ def random_keep(
     budget: int,
     generator: torch.Generator,
 ) -> CompressedChunk:
-    """Keep `budget` tokens drawn uniformly without replacement; the rest are dropped.
+    """Keep exactly min(`budget`, T * N) tokens drawn uniformly without replacement; the rest are dropped.
 
     Args:
         tokens: [T, N, C]; t_start, t_end: [T] float64; weight: [T] int; grid: (rows, cols).

@@ -7,10 +7,14 @@ kernel (``faiss.knn``, the kernel behind ``IndexFlatIP``). Cost grows with the r
 filter, not with the size of the index, and results equal a brute-force scan. Unfiltered search
 scans every shard and merges.
 
-Why not a FAISS index object: ``IndexHNSW*`` cannot remove vectors (retention), IVF needs training
-and is approximate, and ``IndexIDMap2(IndexFlatIP)`` scores every vector before filtering
-(about 110 ms per query at 1M vectors here). Keeping the rows ourselves also makes retention
-cheap: dropping the oldest rows of a shard moves a start offset.
+Why not a FAISS index object: ``IndexHNSW*`` cannot remove vectors (retention), and with a
+camera + time filter its recall collapses (bench/search_latency.py: recall@10 0.04 for a 1-hour
+window at 100k); IVF needs training and is approximate. ``IndexFlatIP`` with an
+``IDSelectorRange`` filters as fast as this class (same benchmark), but only because the ids
+are laid out camera by camera in time order, which is the layout this class keeps up through
+out-of-order adds and retention; with chunk ids as FAISS ids a window is no longer one range.
+Keeping the rows ourselves also makes retention cheap: dropping the oldest rows of a shard moves
+a start offset.
 
 Concurrency: mutations build new arrays or write rows past the visible end, never rows a reader
 can see, so search and save take views under a short lock and do the heavy work outside it

@@ -65,6 +65,14 @@ def test_payload_sizes_are_what_storage_planning_assumes():
     assert 20 * 896 + 896 * 4 < len(int8) < 20 * 896 + 896 * 4 + 1024  # int8 codes + fp32 scales
 
 
+@pytest.mark.parametrize(("m", "c"), [(0, 8), (1, 64), (37, 896)])
+def test_overhead_is_the_documented_28_plus_31_per_token(m, c):
+    # docs/compression.md, section 3 (it said 28 + 25·M + 4 before issue 7).
+    chunk = make_chunk(m, c, seed=2)
+    assert len(encode_chunk(chunk, "fp16")) == 28 + 31 * m + 2 * m * c
+    assert len(encode_chunk(chunk, "int8")) == 28 + 31 * m + m * c + 4 * c
+
+
 def test_frozen_v1_payload_still_decodes():
     assert V1_FIXTURE.exists(), f"{V1_FIXTURE} is missing: it is a frozen v1 payload and must be kept in git"
     decoded = decode_chunk(V1_FIXTURE.read_bytes())

@@ -9,6 +9,7 @@ feature space where similar patches have high cosine.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from pathlib import Path
@@ -270,7 +271,12 @@ def test_needle_survives_with_its_time_span():
     full = F.normalize(tokens, dim=-1)
     changed = (full[9] * full[8]).sum(-1) < 0.8  # [N] the needle's cells
     assert 1 <= int(changed.sum()) <= 9
-    stream = run_stream(tokens, glob, times=times, chunk=6, config=PIXEL_CONFIG, period_s=0.5)
+    # The needle keeps its own 1-s span only as a SALIENT token; at the default salient_share
+    # (0.3, chosen held out for fidelity) it is merged into a 3-s context token here. The bench
+    # counts that as lost (docs/compression.md, section 4: 92% of needle cells kept in time at
+    # the defaults); this test pins 0.4, the share at which the mechanism is checked.
+    config = dataclasses.replace(PIXEL_CONFIG, salient_share=0.4)
+    stream = run_stream(tokens, glob, times=times, chunk=6, config=config, period_s=0.5)
     (_, _, _), (_, second, _) = stream
     assert second.n_tokens <= 0.25 * second.n_input
     kept = F.normalize(second.tokens.float(), dim=-1)
