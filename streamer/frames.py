@@ -240,8 +240,9 @@ class ChunkBuilder:
 
     A chunk closes when the next frame lies ``chunk_s`` or more after the chunk's first frame
     (a gap therefore closes it too) or when it holds ``max_frames`` frames. ``end_s`` is the last
-    frame's time plus one sampling period (the span the chunk stands for), but never later than
-    the next chunk's first frame.
+    frame's time plus one sampling period (the span the chunk stands for). A chunk closed by the
+    next frame ends no later than that frame; one closed by ``max_frames`` is handed on before the
+    next frame exists, so consecutive spans may overlap by the jitter of the frame times.
     """
 
     camera: str
