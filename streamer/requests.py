@@ -2,7 +2,7 @@
 
 Every network message is hostile until validated, so the order is: size first (nothing larger
 than ``max_bytes`` is decoded; only a bounded regex looks at its first ``SNIFF_BYTES`` for a
-``reply_to`` and ``id``), then strict UTF-8, then a linear scan that refuses nesting deeper than
+``reply_to`` and ``id``, as it does for any payload that is not JSON), then strict UTF-8, then a linear scan that refuses nesting deeper than
 ``MAX_DEPTH`` (Python's json recurses: a 1,000-deep array raised RecursionError), then
 ``json.loads`` with an integer hook that refuses more than ``MAX_INT_DIGITS`` digits (CPython
 refuses to convert over 4,300 digits with ValueError, https://github.com/python/cpython/issues/95778,
@@ -211,6 +211,12 @@ def _first_error(exc: ValidationError) -> str:
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
+def _unparsed(raw: bytes, message: str) -> Request:
+    """A ``bad_json`` result; a v3.1.1 reply address is looked for as in an oversized request."""
+    reply_to, request_id = _sniff(raw)
+    return Request(None, RequestError("bad_json", message), reply_to, request_id)
+
+
 def decode_request(raw: bytes, *, max_bytes: int) -> Request:
     """Raw payload → :class:`Request`. Never raises; the cost is linear in ``min(len(raw), max_bytes)``."""
     if len(raw) > max_bytes:
@@ -224,15 +230,14 @@ def decode_request(raw: bytes, *, max_bytes: int) -> Request:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        error = RequestError("bad_json", f"request is not UTF-8: {exc.reason} at byte {exc.start}")
-        return Request(None, error, None, None)
+        return _unparsed(raw, f"request is not UTF-8: {exc.reason} at byte {exc.start}")
     if _too_deep(raw, MAX_DEPTH):
-        return Request(None, RequestError("bad_json", f"request nests deeper than {MAX_DEPTH} levels"), None, None)
+        return _unparsed(raw, f"request nests deeper than {MAX_DEPTH} levels")
     try:
         body = json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant)
     except (json.JSONDecodeError, ValueError, RecursionError) as exc:
         # RecursionError cannot happen below MAX_DEPTH; caught so that no payload ends the service.
-        return Request(None, RequestError("bad_json", f"request is not valid JSON: {exc}"), None, None)
+        return _unparsed(raw, f"request is not valid JSON: {str(exc)[:200]}")
     if not isinstance(body, dict):
         return Request(None, RequestError("bad_json", "request must be a JSON object"), None, None)
     reply_to = body.get("reply_to")

@@ -59,8 +59,8 @@ def test_deep_nesting_keeps_the_reply_address_when_it_comes_first():
     request = decode(raw)
     assert request.error is not None
     assert request.error.code == "bad_json"
-    # Deeper than MAX_DEPTH: the body is not parsed, so only what the cheap sniff finds is known.
-    assert request.reply_to is None or request.reply_to == "me/r"
+    # Deeper than MAX_DEPTH: the body is not parsed; the bounded sniff of its head finds these.
+    assert (request.reply_to, request.request_id) == ("me/r", 3)
 
 
 def test_depth_at_the_limit_is_parsed():
