@@ -2,13 +2,14 @@
 
 Every network message is hostile until validated, so the order is: size first (nothing larger
 than ``max_bytes`` is decoded; only a bounded regex looks at its first ``SNIFF_BYTES`` for a
-``reply_to`` and ``id``, as it does for any payload that is not JSON), then strict UTF-8, then a linear scan that refuses nesting deeper than
-``MAX_DEPTH`` (Python's json recurses: a 1,000-deep array raised RecursionError), then
-``json.loads`` with an integer hook that refuses more than ``MAX_INT_DIGITS`` digits (CPython
-refuses to convert over 4,300 digits with ValueError, https://github.com/python/cpython/issues/95778,
-and converting fewer is still quadratic), then the :class:`AskRequest` schema.
-:func:`decode_request` never raises: the result holds either the request or a :class:`RequestError`,
-plus whatever reply address and id could be read so the error can be answered.
+``reply_to`` and ``id``, as for any payload that is not JSON), then strict UTF-8, then a linear
+scan that refuses nesting deeper than ``MAX_DEPTH`` (Python's json recurses: a 1,000-deep array
+raised RecursionError), then ``json.loads`` with an integer hook that refuses more than
+``MAX_INT_DIGITS`` digits (CPython refuses to convert over 4,300 digits with ValueError,
+https://github.com/python/cpython/issues/95778, and converting fewer is still quadratic), then
+the :class:`AskRequest` schema. :func:`decode_request` never raises: the result holds either the
+request or a :class:`RequestError`, plus whatever reply address and id could be read so the
+error can be answered.
 
 Reply addresses (:func:`reply_topic_problem`) must be valid MQTT topic names outside the topics
 vigil itself uses (streamer/topics.py), and inside ``mqtt.reply_topics`` when that allow-list is set.
