@@ -80,6 +80,31 @@ def max_packet_bytes(max_payload_bytes: int) -> int:
     return max(MIN_MAX_PACKET_BYTES, 4 * max_payload_bytes)
 
 
+# A flood of bad requests must not become a flood of log lines: per kind of refusal, one line
+# per this interval, saying how many were not logged since.
+LOG_INTERVAL_S = 10.0
+
+
+class LogThrottle:
+    """At most one log line per key and interval; counts the lines it held back."""
+
+    def __init__(self, interval_s: float = LOG_INTERVAL_S) -> None:
+        self._interval_s = interval_s
+        self._next_s: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def log(self, key: str, level: int, msg: str, *args: object) -> None:
+        now_s = time.monotonic()
+        if now_s < self._next_s.get(key, 0.0):
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        self._next_s[key] = now_s + self._interval_s
+        held = self._held.pop(key, 0)
+        if held:
+            msg += f" (and {held} more like it in the last {self._interval_s:g} s)"
+        log.log(level, msg, *args)
+
+
 class TokenBucket:
     """Per-key token buckets (rate ``rate_per_s``, capacity ``burst``), at most ``max_keys`` kept."""
 
@@ -199,6 +224,7 @@ class MqttApi:
         self.available_topic = self.topics.available
         self.status_topic = self.topics.status
         self._rates = TokenBucket(settings.client_rate_per_s, settings.client_burst)
+        self._throttle = LogThrottle()
         self._states: dict[str, bytes] = {}
         self._status: bytes | None = None  # the daemon's retained status, re-published on connect
         self._outbox: deque[_Outgoing] = deque()
@@ -516,14 +542,24 @@ class MqttApi:
         reply_topic = response_topic if response_topic is not None else request.reply_to
         if reply_topic is None:
             self.counters["unanswerable"] += 1
-            log.warning(
-                "request on %s has no reply address (no v5 response topic, no 'reply_to'); dropped", message.topic
+            self._throttle.log(
+                "unanswerable",
+                logging.WARNING,
+                "request on %s has no reply address (no v5 response topic, no 'reply_to'); dropped",
+                message.topic,
             )
             return
         problem = reply_topic_problem(reply_topic, self.topics, self._settings.reply_topics)
         if problem is not None:
             self.counters["bad_reply_topic"] += 1
-            log.warning("request on %s dropped: %s (%r)", message.topic, problem, str(reply_topic)[:200])
+            self._throttle.log(
+                "bad_reply_topic",
+                logging.WARNING,
+                "request on %s dropped: %s (%r)",
+                message.topic,
+                problem,
+                str(reply_topic)[:200],
+            )
             return
         to = ReplyTo(reply_topic, correlation if isinstance(correlation, bytes) else None, request.request_id)
         if not self._rates.take(reply_topic, time.monotonic()):
@@ -559,6 +595,9 @@ class MqttApi:
         """Send an error reply without taking a question slot; under a flood, drop and count it."""
         if len(self._error_replies) >= MAX_PENDING_ERRORS:
             self.counters["errors_dropped"] += 1
+            self._throttle.log(
+                "errors_dropped", logging.WARNING, "%d error replies pending: dropped one", len(self._error_replies)
+            )
             return
         task = asyncio.ensure_future(self._fail(to, error.code, error.message))
         self._error_replies.add(task)
@@ -566,7 +605,7 @@ class MqttApi:
 
     async def _fail(self, to: ReplyTo, code: str, message: str) -> None:
         self.counters["errors"] += 1
-        log.info("request to %s refused: %s: %s", to.topic, code, message)
+        self._throttle.log(f"refused:{code}", logging.INFO, "request to %s refused: %s: %s", to.topic, code, message)
         await self._reply(to, error_payload(code, message))
 
     async def _job(self, question: Question, to: ReplyTo) -> None:

@@ -107,9 +107,7 @@ class AskRequest(BaseModel):
     @classmethod
     def _id(cls, value: object) -> object:
         if echoable_id(value) is None and value is not None:
-            raise ValueError(
-                f"must be a string of at most {MAX_ID_CHARS} characters or a finite number below 2**63"
-            )
+            raise ValueError(f"must be a string of at most {MAX_ID_CHARS} characters or a finite number below 2**63")
         return value
 
 
@@ -259,9 +257,7 @@ def resolve_cameras(requested: Sequence[str] | None, known: Sequence[str]) -> li
     unknown = [c for c in requested if c.strip().lower() not in by_lower]
     if unknown:
         shown = ", ".join(unknown[:5])  # names are bounded by the schema; JSON escapes the rest
-        raise RequestError(
-            "unknown_camera", f"unknown camera(s) {shown}; known: {', '.join(sorted(known)) or 'none'}"
-        )
+        raise RequestError("unknown_camera", f"unknown camera(s) {shown}; known: {', '.join(sorted(known)) or 'none'}")
     return list(dict.fromkeys(by_lower[c.strip().lower()] for c in requested))
 
 
