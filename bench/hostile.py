@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import random
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Expect = Literal["error", "answer", "drop"]
 
@@ -263,3 +264,45 @@ class RawSender:
         # The broker hangs up on packets with bad topic names or properties.
         risky = message.kind in ("v5_bad_response_topic", "bad_publish_topic")
         await self.send(packet, v5=message.v5, risky=risky)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What is kept of a sent message (not its payload, so the sender's own memory stays flat)."""
+
+    kind: str
+    expect: Expect
+    reply_topic: str | None
+
+
+async def fire(
+    messages: Iterator[Hostile],
+    sender: RawSender,
+    ask_topic: str,
+    replies: dict[str, list[dict[str, Any]]],
+    seen: asyncio.Event,
+    *,
+    batch: int = 64,
+    wait_s: float = 10.0,
+) -> tuple[list[Sent], list[Sent]]:
+    """Send ``messages`` in batches; after each, wait until every expected reply is in ``replies``.
+
+    ``replies`` (reply topic → bodies) and ``seen`` (set on each reply) are fed by the caller's
+    subscriber. Pacing by batch keeps the service's inbox (256) from overflowing, so a missing
+    reply is the service's fault, not the load's. Returns (sent, missing: no reply within wait_s).
+    """
+    sent: list[Sent] = []
+    missing: list[Sent] = []
+    while group := list(itertools.islice(messages, batch)):
+        for message in group:
+            await sender.send_hostile(message, ask_topic)
+        wanted = [m for m in group if m.expect != "drop"]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                while not all(m.reply_topic in replies for m in wanted):
+                    seen.clear()
+                    await seen.wait()
+        kept = [Sent(m.kind, m.expect, m.reply_topic) for m in group]
+        sent.extend(kept)
+        missing.extend(k for k in kept if k.expect != "drop" and k.reply_topic not in replies)
+    return sent, missing

@@ -12,16 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import itertools
 import json
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiomqtt
 
-from bench.hostile import Hostile, RawSender, hostile_messages
+from bench.hostile import RawSender, fire, hostile_messages
 from streamer.mqtt_api import MqttApi
 from tests.test_mqtt_api import CAMERAS, TZ, Requester, echo_answer, running, settings_for
 
@@ -40,40 +37,6 @@ def rss_kib() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-@dataclass(frozen=True)
-class Sent:
-    """What is kept of a sent message (not its payload: the test's own memory must not grow)."""
-
-    kind: str
-    expect: str
-    reply_topic: str | None
-
-
-async def _fire(
-    messages: Iterator[Hostile],
-    sender: RawSender,
-    ask: str,
-    replies: dict[str, list[dict]],
-    seen: asyncio.Event,
-    counters: dict[str, int],
-) -> list[Sent]:
-    sent: list[Sent] = []
-    while batch := list(itertools.islice(messages, BATCH)):
-        for message in batch:
-            await sender.send_hostile(message, ask)
-        wanted = [m for m in batch if m.expect != "drop"]
-        try:
-            async with asyncio.timeout(10):
-                while not all(m.reply_topic in replies for m in wanted):
-                    seen.clear()
-                    await seen.wait()
-        except TimeoutError:
-            missing = [(m.kind, m.payload[:40]) for m in wanted if m.reply_topic not in replies]
-            raise AssertionError(f"no reply within 10 s to {missing}; {counters}") from None
-        sent.extend(Sent(m.kind, m.expect, m.reply_topic) for m in batch)
-    return sent
 
 
 async def test_hostile_stream_is_absorbed_and_the_service_keeps_answering(private_broker, prefix):
@@ -109,13 +72,13 @@ async def test_hostile_stream_is_absorbed_and_the_service_keeps_answering(privat
             warm_msgs = hostile_messages(
                 SEED + 1, WARMUP, prefix=prefix, reply_base=reply_base + "/w", max_payload_bytes=MAX_PAYLOAD
             )
-            warm = await _fire(warm_msgs, sender, api.ask_topic, replies, seen, api.counters)
+            warm, warm_missing = await fire(warm_msgs, sender, api.ask_topic, replies, seen, batch=BATCH)
             gc.collect()
             before_kib = rss_kib()
             fuzz_msgs = hostile_messages(
                 SEED, MESSAGES, prefix=prefix, reply_base=reply_base, max_payload_bytes=MAX_PAYLOAD
             )
-            fuzz = await _fire(fuzz_msgs, sender, api.ask_topic, replies, seen, api.counters)
+            fuzz, fuzz_missing = await fire(fuzz_msgs, sender, api.ask_topic, replies, seen, batch=BATCH)
             await asyncio.sleep(0.5)  # let stray replies (there must be none) arrive
             gc.collect()
             after_kib = rss_kib()
@@ -128,6 +91,8 @@ async def test_hostile_stream_is_absorbed_and_the_service_keeps_answering(privat
         with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
             await watch_task
 
+    assert warm_missing == [], api.counters
+    assert fuzz_missing == [], api.counters
     assert final["answer"] == "you asked: after the storm"
     assert api.connected is False  # stopped cleanly by running()
     assert trespass == []
