@@ -92,7 +92,7 @@ async def wait_ready(port: int, prefix: str, daemon: subprocess.Popen[bytes], ti
     raise SystemExit("vigil serve did not answer with a citation in time")
 
 
-async def run(n: int, seed: int, batch: int) -> None:
+async def run(n: int, seed: int, batch: int, bursts: int, valid: bool) -> None:
     prefix = f"fuzzbench-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -131,14 +131,25 @@ async def run(n: int, seed: int, batch: int) -> None:
 
                 collector = asyncio.create_task(collect())
                 sender = RawSender("127.0.0.1", port, f"{prefix}-raw")
-                started = time.perf_counter()
-                messages = hostile_messages(
-                    seed, n, prefix=prefix, reply_base=reply_base, max_payload_bytes=MAX_PAYLOAD
-                )
-                sent, missing = await fire(messages, sender, f"{prefix}/ask", replies, seen, batch=batch, wait_s=30)
-                elapsed = time.perf_counter() - started
+                sent, missing, rss_after_each = [], [], []
+                elapsed = 0.0
+                for burst in range(bursts):
+                    started = time.perf_counter()
+                    messages = hostile_messages(
+                        seed + burst,
+                        n,
+                        prefix=prefix,
+                        reply_base=f"{reply_base}/{burst}",
+                        max_payload_bytes=MAX_PAYLOAD,
+                        valid=valid,
+                    )
+                    got, lost = await fire(messages, sender, f"{prefix}/ask", replies, seen, batch=batch, wait_s=30)
+                    elapsed += time.perf_counter() - started
+                    sent.extend(got)
+                    missing.extend(lost)
+                    await asyncio.sleep(SETTLE_S)
+                    rss_after_each.append(rss_kib(daemon.pid) if daemon.poll() is None else 0)
                 await sender.close()
-                await asyncio.sleep(SETTLE_S)
                 collector.cancel()
                 with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                     await collector
@@ -187,6 +198,8 @@ async def run(n: int, seed: int, batch: int) -> None:
         print(f"question after the run answered: {bool(final and 'answer' in final)}")
         growth = 100 * (rss_after - rss_before) / rss_before if rss_before else float("nan")
         print(f"daemon RSS before {rss_before / 1024:.1f} MiB, after {rss_after / 1024:.1f} MiB ({growth:+.1f}%)")
+        each = ", ".join(f"{kib / 1024:.1f}" for kib in rss_after_each)
+        print(f"daemon RSS after each burst of {n} ({SETTLE_S:g} s settle): {each} MiB")
         drift = 100 * (rss_before - rss_control) / rss_control
         print(f"control: RSS drift of ingest alone over {SETTLE_S:g} s before the burst: {drift:+.1f}%")
         print(f"daemon MQTT counters at stop: {counters}")
@@ -197,8 +210,10 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=20261202)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--bursts", type=int, default=1, help="bursts of --messages, RSS after each")
+    parser.add_argument("--no-valid", action="store_true", help="no valid questions in the stream")
     args = parser.parse_args()
-    asyncio.run(run(args.messages, args.seed, args.batch))
+    asyncio.run(run(args.messages, args.seed, args.batch, args.bursts, not args.no_valid))
 
 
 if __name__ == "__main__":

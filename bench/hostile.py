@@ -97,18 +97,20 @@ def _bad_reply_to(rng: random.Random, prefix: str) -> str:
     )
 
 
-def hostile_messages(seed: int, n: int, *, prefix: str, reply_base: str, max_payload_bytes: int) -> Iterator[Hostile]:
-    """``n`` hostile (and a few valid) messages, the same ones for the same seed."""
+def hostile_messages(
+    seed: int, n: int, *, prefix: str, reply_base: str, max_payload_bytes: int, valid: bool = True
+) -> Iterator[Hostile]:
+    """``n`` hostile (and, with ``valid``, 5% valid) messages, the same ones for the same seed."""
     rng = random.Random(seed)
     for i in range(n):
         reply = f"{reply_base}/{i}"
         corr = b"c%d" % i
         roll = rng.random()
-        if roll < 0.05:  # a valid question now and then: it must still be answered
+        if roll < 0.05 and valid:  # a valid question now and then: it must still be answered
             yield Hostile(
                 "valid", b'{"question":"is anyone there?"}', "answer", True, reply.encode(), corr, None, reply
             )
-        elif roll < 0.20:
+        elif roll < 0.20:  # (also the valid share when valid is False)
             yield Hostile("deep_json", _deep(rng), "error", True, reply.encode(), corr, None, reply)
         elif roll < 0.30:
             yield Hostile("big_int", _big_int(rng), "error", True, reply.encode(), corr, None, reply)
