@@ -26,6 +26,7 @@ from paho.mqtt.properties import Properties
 from retrieval.answer import Answer, Citation, Question
 from streamer.mqtt_api import MqttApi, _Outgoing
 from streamer.settings import MqttSettings
+from streamer.topics import Topics
 from tests.plugins.brokers import retained
 
 TZ = ZoneInfo("Europe/Berlin")
@@ -135,7 +136,7 @@ class Requester:
             props = Properties(PacketTypes.PUBLISH)
             props.ResponseTopic = self.reply_topic
             props.CorrelationData = correlation or uuid.uuid4().bytes
-        await self.client.publish(f"{self.prefix}/ask", payload, qos=1, properties=props)
+        await self.client.publish(Topics(self.prefix).ask, payload, qos=1, properties=props)
 
     async def reply(self) -> tuple[dict[str, Any], aiomqtt.Message]:
         message = await asyncio.wait_for(self.replies.get(), WAIT_S)
@@ -306,6 +307,7 @@ import asyncio, sys
 from zoneinfo import ZoneInfo
 from streamer.mqtt_api import MqttApi
 from streamer.settings import MqttSettings
+from streamer.topics import Topics
 from tests.plugins.brokers import retained
 
 async def answer(question, on_delta):
@@ -480,7 +482,7 @@ async def test_unusable_reply_to_is_dropped_and_nothing_is_published_there(broke
                 body = {"question": "q", "reply_to": reply_to, "id": 1}
                 if kind == "good":
                     body = {"question": "q", "reply_to": req.reply_topic}
-                await req.client.publish(f"{prefix}/ask", json.dumps(body).encode(), qos=1)
+                await req.client.publish(Topics(prefix).ask, json.dumps(body).encode(), qos=1)
             reply, _ = await req.reply()  # the good one is answered: the bad one did not block it
             assert reply["answer"] == "you asked: q"
             seen = []
@@ -489,8 +491,8 @@ async def test_unusable_reply_to_is_dropped_and_nothing_is_published_there(broke
                     async for message in spy.messages:
                         if not message.retain:
                             seen.append(message)
-        assert [m for m in seen if str(m.topic) != f"{prefix}/ask"] == []
-        assert len([m for m in seen if str(m.topic) == f"{prefix}/ask"]) <= 2  # only the requester's own
+        assert [m for m in seen if str(m.topic) != Topics(prefix).ask] == []
+        assert len([m for m in seen if str(m.topic) == Topics(prefix).ask]) <= 2  # only the requester's own
         assert api.counters["bad_reply_topic"] == 1
         assert api.counters["replies_queued"] == 0
         if reply_to == f"{prefix}/available":
@@ -501,9 +503,11 @@ async def test_unusable_reply_to_is_dropped_and_nothing_is_published_there(broke
 async def test_reply_topics_allow_list(broker, prefix):
     settings = settings_for(*broker, prefix, reply_topics=[f"{prefix}/reply/+"])
     api = MqttApi(settings, tz=TZ, cameras=CAMERAS, answer=echo_answer)
-    async with running(api), Requester(*broker, prefix) as req, Requester(
-        *broker, prefix, reply_topic=f"{prefix}/elsewhere"
-    ) as other:
+    async with (
+        running(api),
+        Requester(*broker, prefix) as req,
+        Requester(*broker, prefix, reply_topic=f"{prefix}/elsewhere") as other,
+    ):
         await other.ask({"question": "refused"})
         await req.ask({"question": "allowed"})
         reply, _ = await req.reply()
@@ -521,9 +525,9 @@ async def test_error_replies_do_not_hold_question_slots(broker, prefix):
     async with running(api), aiomqtt.Client(*broker, protocol=aiomqtt.ProtocolVersion.V5) as client:
         await client.subscribe(f"{prefix}/r/#", qos=1)
         for i in range(30):
-            await client.publish(f"{prefix}/ask", b"{bad", qos=0, properties=_v5_props(f"{prefix}/r/e{i}", b"e"))
+            await client.publish(Topics(prefix).ask, b"{bad", qos=0, properties=_v5_props(f"{prefix}/r/e{i}", b"e"))
         await client.publish(
-            f"{prefix}/ask", b'{"question": "valid"}', qos=0, properties=_v5_props(f"{prefix}/r/v", b"v")
+            Topics(prefix).ask, b'{"question": "valid"}', qos=0, properties=_v5_props(f"{prefix}/r/v", b"v")
         )
         async with asyncio.timeout(WAIT_S):
             async for message in client.messages:
