@@ -24,7 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from retrieval.answer import Answer, Citation, Question
-from streamer.mqtt_api import MqttApi, _Outgoing
+from streamer.mqtt_api import MqttApi, _Outgoing, max_packet_bytes
 from streamer.settings import MqttSettings
 from streamer.topics import Topics
 from tests.plugins.brokers import retained
@@ -571,3 +571,19 @@ def _v5_props(topic: str, correlation: bytes) -> Properties:
     props.ResponseTopic = topic
     props.CorrelationData = correlation
     return props
+
+
+async def test_packets_over_the_announced_maximum_never_reach_vigil(broker, prefix):
+    # CONNECT announces Maximum Packet Size 4 x max_payload_bytes (at least 1 MiB): the broker
+    # drops bigger packets for vigil instead of making it read them.
+    settings = settings_for(*broker, prefix, max_payload_bytes=1024)
+    api = MqttApi(settings, tz=TZ, cameras=CAMERAS, answer=echo_answer)
+    assert max_packet_bytes(1024) == 1 << 20
+    async with running(api), Requester(*broker, prefix) as req:
+        await req.ask(b'{"question": "' + b"x" * (2 << 20) + b'"}', correlation=b"huge")
+        await req.ask(b'{"question": "' + b"x" * 4096 + b'"}', correlation=b"big")
+        reply, message = await req.reply()
+        assert message.properties.CorrelationData == b"big"
+        assert reply["error"]["code"] == "payload_too_large"
+        await _still_serving(req, api)
+    assert api.counters["requests"] == 2  # "big" and "still there?": the 2 MiB one never arrived
