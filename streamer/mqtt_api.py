@@ -88,13 +88,14 @@ LOG_INTERVAL_S = 10.0
 class LogThrottle:
     """At most one log line per key and interval; counts the lines it held back."""
 
-    def __init__(self, interval_s: float = LOG_INTERVAL_S) -> None:
+    def __init__(self, interval_s: float = LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic) -> None:
         self._interval_s = interval_s
+        self._clock = clock
         self._next_s: dict[str, float] = {}
         self._held: dict[str, int] = {}
 
     def log(self, key: str, level: int, msg: str, *args: object) -> None:
-        now_s = time.monotonic()
+        now_s = self._clock()
         if now_s < self._next_s.get(key, 0.0):
             self._held[key] = self._held.get(key, 0) + 1
             return

@@ -400,3 +400,20 @@ def test_fuzz_json_shaped_requests_never_raise(body):
 )
 def test_fuzz_nesting_and_truncation_never_raise(depth, opener, tail):
     _check(opener * depth + tail, LIMIT)
+
+
+def test_log_throttle_logs_once_per_interval_and_says_how_many_it_held(caplog):
+    import logging
+
+    from streamer import mqtt_api
+
+    clock = [100.0]
+    throttle = mqtt_api.LogThrottle(interval_s=10.0, clock=lambda: clock[0])
+    with caplog.at_level(logging.WARNING, logger="streamer.mqtt_api"):
+        for _ in range(500):
+            throttle.log("bad_reply_topic", logging.WARNING, "dropped %s", "x")
+        throttle.log("unanswerable", logging.WARNING, "no address")  # another kind has its own budget
+        clock[0] += 10.0
+        throttle.log("bad_reply_topic", logging.WARNING, "dropped %s", "y")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["dropped x", "no address", "dropped y (and 499 more like it in the last 10 s)"]
