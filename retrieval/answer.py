@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 from zoneinfo import ZoneInfo
 
-from retrieval.prompt import build_prompt
+from memory.outage import Outage
+from retrieval.prompt import StaleCamera, build_prompt
 from retrieval.search import Retriever
 
 if TYPE_CHECKING:
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 # A generation that ignores its deadline (a single slow decode step) still gets this much extra
 # time before the answer is returned without it; the executor thread finishes on its own.
 GENERATION_GRACE_S = 5.0
+# A camera's newest memory older than this does not show "now". Chunks are stored when they end,
+# plus encoding: with the default 8 s chunks the newest is 8-20 s old on a healthy camera. The
+# daemon raises it for longer chunks (streamer/daemon.py).
+FRESH_WITHIN_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -54,15 +59,59 @@ class Citation:
     score: float
 
 
+@dataclass(frozen=True)
+class Latest:
+    """A camera's newest memory shown for a question about now, and whether it still shows now."""
+
+    camera: str
+    end_s: float  # UTC epoch seconds
+    age_s: float  # seconds between end_s and when the question was answered
+    fresh: bool  # age_s <= the answerer's fresh_within_s
+
+
 @dataclass
 class Answer:
-    """The model's answer, the chunks it saw and how long each step took."""
+    """The model's answer, the chunks it saw, the outages in its window and how long each step took.
+
+    ``about_now`` says the question was read as about the present; then ``latest`` has each cited
+    camera's newest memory with its age, and :attr:`fresh` says whether all of them still show now.
+    """
 
     text: str
     citations: list[Citation]
     after_s: float | None
     before_s: float | None
     timing_ms: dict[str, float] = field(default_factory=dict)
+    offline: list[Outage] = field(default_factory=list)  # outages of the selected cameras in the window
+    about_now: bool = False
+    latest: list[Latest] = field(default_factory=list)
+
+    @property
+    def fresh(self) -> bool | None:
+        """None when not about now; else whether memory exists and every camera's newest is fresh."""
+        if not self.about_now:
+            return None
+        return bool(self.latest) and all(item.fresh for item in self.latest)
+
+    @property
+    def age_s(self) -> float | None:
+        """Age of the stalest camera's newest memory (None when not about now or nothing was found)."""
+        if not self.about_now or not self.latest:
+            return None
+        return max(item.age_s for item in self.latest)
+
+
+def latest_memories(
+    spans: list[tuple[str, float]], *, now_s: float, fresh_within_s: float
+) -> list[Latest]:
+    """(camera, end_s) of the chunks shown → each camera's newest, with its age at ``now_s``, by camera."""
+    newest: dict[str, float] = {}
+    for camera, end_s in spans:
+        newest[camera] = max(end_s, newest.get(camera, end_s))
+    return [
+        Latest(camera, end_s, max(0.0, now_s - end_s), now_s - end_s <= fresh_within_s)
+        for camera, end_s in sorted(newest.items())
+    ]
 
 
 class Generator(Protocol):
@@ -110,12 +159,14 @@ class Answerer:
         tz: ZoneInfo,
         max_new_tokens: int,
         generation_timeout_s: float,
+        fresh_within_s: float = FRESH_WITHIN_S,
     ) -> None:
         self._vlm = vlm
         self._retriever = retriever
         self._tz = tz
         self._max_new_tokens = max_new_tokens
         self._generation_timeout_s = generation_timeout_s
+        self._fresh_within_s = fresh_within_s
         # One thread: one answer at a time leaves the cores to ingest (generation is stateless,
         # docs/models.md, so this is about CPU, not safety); max_in_flight bounds the queue.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-generate")
@@ -143,7 +194,13 @@ class Answerer:
             top_k=question.top_k,
         )
         timing["retrieve"] = (time.perf_counter() - started) * 1000.0
-        parts = build_prompt(question.text, retrieved.chunks, retrieved.outages, tz=self._tz)
+        latest: list[Latest] = []
+        if retrieved.about_now:
+            latest = latest_memories(
+                [(c.camera, c.end_s) for c in retrieved.chunks], now_s=time.time(), fresh_within_s=self._fresh_within_s
+            )
+        stale = [StaleCamera(item.camera, item.end_s, item.age_s) for item in latest if not item.fresh]
+        parts = build_prompt(question.text, retrieved.chunks, retrieved.outages, tz=self._tz, stale=stale)
         gen_started = time.perf_counter()
         pieces: list[str] = []
         first_token_s: float | None = None
@@ -169,6 +226,9 @@ class Answerer:
             after_s=retrieved.after_s,
             before_s=retrieved.before_s,
             timing_ms=timing,
+            offline=list(retrieved.outages),
+            about_now=retrieved.about_now,
+            latest=latest,
         )
 
     async def _generate(self, parts: list[PromptPart]) -> AsyncIterator[str]:

@@ -8,12 +8,15 @@ Layout, top to bottom:
    order a model reads a frame grid in, so positions stay monotone);
 3. the ranges in which a selected camera was offline, in words, so the model does not invent
    what happened while nothing was recorded;
+   for a question about now, each camera whose newest memory is stale, with its age, so the model
+   does not describe old memory as the present;
 4. the question, last, so generation starts right after it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 from zoneinfo import ZoneInfo
@@ -39,6 +42,15 @@ class PromptChunk(Protocol):
     def end_s(self) -> float: ...
     @property
     def chunk(self) -> CompressedChunk: ...
+
+
+@dataclass(frozen=True)
+class StaleCamera:
+    """A camera whose newest memory is too old to show the present (question about now)."""
+
+    camera: str
+    end_s: float  # UTC epoch seconds
+    age_s: float
 
 
 PREAMBLE = (
@@ -92,6 +104,7 @@ def build_prompt(
     outages: Sequence[Outage],
     *,
     tz: ZoneInfo,
+    stale: Sequence[StaleCamera] = (),
 ) -> list[PromptPart]:
     """Assemble the prompt parts; chunks are placed in time order whatever order they come in."""
 
@@ -118,6 +131,13 @@ def build_prompt(
             TextPart(
                 f"Camera {outage.camera} was offline {format_span(outage.start_s, outage.end_s, tz)}{why}; "
                 "nothing was recorded from it then.\n"
+            )
+        )
+    for item in stale:
+        parts.append(
+            TextPart(
+                f"The newest memory of camera {item.camera} ends {format_time(item.end_s, tz)}, "
+                f"{item.age_s:.0f} s before now: it does not show the present.\n"
             )
         )
     parts.append(TextPart(f"Question: {question.strip()}\nAnswer:"))

@@ -114,8 +114,11 @@ start_services() {
     fi
     if ! listening 1883; then
         log "starting mosquitto on 127.0.0.1:1883"
-        mkdir -p "$ROOT/var"
-        mosquitto -d -c "$ROOT/configs/mosquitto.conf"
+        # persistence_location in configs/mosquitto.conf is relative: start it from the repo root.
+        mkdir -p "$ROOT/var/mosquitto"
+        # Started as root, mosquitto drops to its own user before it saves the database.
+        if [ "$(id -u)" = 0 ] && id mosquitto >/dev/null 2>&1; then chown mosquitto "$ROOT/var/mosquitto"; fi
+        (cd "$ROOT" && mosquitto -d -c "$ROOT/configs/mosquitto.conf")
     fi
     for _ in $(seq 50); do listening 6379 && listening 1883 && return; sleep 0.1; done
     log "redis (6379) or mosquitto (1883) did not start listening"; exit 1

@@ -29,6 +29,7 @@ from paho.mqtt.properties import Properties
 
 from streamer.settings import MqttSettings, load_settings
 from streamer.timefmt import BadTimeError, parse_time
+from streamer.topics import Topics
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -88,7 +89,7 @@ async def ask(
     as_json: bool = False,
 ) -> int:
     """Send one question and print its reply; returns the exit code."""
-    reply_topic = f"{settings.topic_prefix}/replies/{uuid.uuid4().hex}"
+    reply_topic = Topics(settings.topic_prefix).cli_reply(uuid.uuid4().hex)
     correlation = uuid.uuid4().bytes
     props = Properties(PacketTypes.PUBLISH)
     props.ResponseTopic = reply_topic
@@ -101,7 +102,7 @@ async def ask(
         async with asyncio.timeout(timeout_s), _client(settings, timeout_s) as client:
             await client.subscribe(reply_topic, qos=QOS)
             await client.publish(
-                f"{settings.topic_prefix}/ask", json.dumps(request).encode(), qos=QOS, properties=props
+                Topics(settings.topic_prefix).ask, json.dumps(request).encode(), qos=QOS, properties=props
             )
             async for message in client.messages:
                 got = getattr(message.properties, "CorrelationData", None)
@@ -140,25 +141,25 @@ async def ask(
 async def status(settings: MqttSettings, *, timeout_s: float, out: TextIO, err: TextIO) -> int:
     """Print availability, health, counters and each camera's retained state; 0 when online and ok."""
     prefix = settings.topic_prefix
+    topics = Topics(prefix)
     available: str | None = None
     daemon: dict[str, Any] | None = None
     cameras: dict[str, dict[str, Any]] = {}
     try:
         async with _client(settings, timeout_s) as client:
-            await client.subscribe(f"{prefix}/available", qos=QOS)
-            await client.subscribe(f"{prefix}/status", qos=QOS)
-            await client.subscribe(f"{prefix}/cameras/+/state", qos=QOS)
+            await client.subscribe(topics.available, qos=QOS)
+            await client.subscribe(topics.status, qos=QOS)
+            await client.subscribe(topics.camera_states, qos=QOS)
             try:
                 async with asyncio.timeout(timeout_s):
                     async for message in client.messages:
                         payload = message.payload if isinstance(message.payload, bytes) else b""
                         topic = str(message.topic)
-                        if topic == f"{prefix}/available":
+                        if topic == topics.available:
                             available = payload.decode(errors="replace")
-                        elif topic == f"{prefix}/status":
+                        elif topic == topics.status:
                             daemon = _json_object(payload)
-                        elif payload:
-                            name = topic[len(prefix) + len("/cameras/") : -len("/state")]
+                        elif payload and (name := topics.camera_of_state(topic)) is not None:
                             cameras[name] = _json_object(payload) or {"state": "?", "error": "unreadable state"}
             except TimeoutError:
                 pass  # retained messages come at once; the timeout only ends the collection

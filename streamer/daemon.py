@@ -37,7 +37,7 @@ import redis.exceptions
 import transformers
 
 from memory.store import MemoryStore
-from retrieval.answer import Answerer
+from retrieval.answer import FRESH_WITHIN_S, Answerer
 from retrieval.search import Retriever
 from streamer.camera import CameraStatus, CameraWorker
 from streamer.frames import Chunk
@@ -203,6 +203,8 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
             tz=tz,
             max_new_tokens=settings.models.max_new_tokens,
             generation_timeout_s=settings.models.generation_timeout_s,
+            # A healthy camera's newest chunk is up to a chunk (plus encoding) old.
+            fresh_within_s=max([FRESH_WITHIN_S, *(3 * cam.chunk_s for cam in settings.cameras.values())]),
         )
         stack.callback(answerer.close)
         ingest = IngestService(encoder=res.encoder, store=res.store, index=res.index, compression=settings.compression)

@@ -28,20 +28,24 @@ import logging
 import random
 import socket
 import ssl
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import aiomqtt
+import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from retrieval.answer import Answer, Question
 from streamer.backoff import backoff_delays
+from streamer.requests import RequestError, decode_request, reply_topic_problem, to_question
 from streamer.settings import MqttSettings
-from streamer.timefmt import BadTimeError, iso_time, parse_window
+from streamer.timefmt import iso_time
+from streamer.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +60,70 @@ SESSION_EXPIRY_S = 600
 OUTBOX_SIZE = 256  # replies held while disconnected; the oldest is dropped beyond this
 INBOX_SIZE = 256  # received messages not yet dispatched; aiomqtt drops (and we count) beyond this
 DRAIN_TIMEOUT_S = 10.0  # on stop: how long running answers may finish before they are cancelled
-MAX_TOP_K = 64  # same bound as RetrievalSettings.top_k
 JSON_CONTENT_TYPE = "application/json"
+# Error replies being published at once; beyond this a flood's error replies are dropped and
+# counted (they are cheap, but each is a task and a PUBACK wait).
+MAX_PENDING_ERRORS = 1024
+# Requesters whose rate is tracked; the least recently seen is forgotten beyond this, so a flood of
+# made-up reply addresses costs bounded memory.
+MAX_TRACKED_CLIENTS = 4096
+# The largest packet vigil accepts from the broker (MQTT v5 Maximum Packet Size): the broker drops
+# bigger ones without sending them. Requests between max_payload_bytes and this get
+# payload_too_large (a response topic and correlation data of up to 64 KiB each fit beside them).
+MIN_MAX_PACKET_BYTES = 1 << 20
+# paho's publish results that mean the connection is gone (the reply waits in the outbox then).
+CONNECTION_RCS = frozenset({paho.MQTT_ERR_NO_CONN, paho.MQTT_ERR_CONN_LOST})
 
 
-class RequestError(Exception):
-    """A request that cannot be answered; ``code`` is the machine-readable error code."""
+def max_packet_bytes(max_payload_bytes: int) -> int:
+    """The Maximum Packet Size vigil announces for a payload limit of ``max_payload_bytes``."""
+    return max(MIN_MAX_PACKET_BYTES, 4 * max_payload_bytes)
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+
+# A flood of bad requests must not become a flood of log lines: per kind of refusal, one line
+# per this interval, saying how many were not logged since.
+LOG_INTERVAL_S = 10.0
+
+
+class LogThrottle:
+    """At most one log line per key and interval; counts the lines it held back."""
+
+    def __init__(self, interval_s: float = LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._next_s: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def log(self, key: str, level: int, msg: str, *args: object) -> None:
+        now_s = self._clock()
+        if now_s < self._next_s.get(key, 0.0):
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        self._next_s[key] = now_s + self._interval_s
+        held = self._held.pop(key, 0)
+        if held:
+            msg += f" (and {held} more like it in the last {self._interval_s:g} s)"
+        log.log(level, msg, *args)
+
+
+class TokenBucket:
+    """Per-key token buckets (rate ``rate_per_s``, capacity ``burst``), at most ``max_keys`` kept."""
+
+    def __init__(self, rate_per_s: float, burst: int, *, max_keys: int = MAX_TRACKED_CLIENTS) -> None:
+        self._rate = rate_per_s
+        self._burst = float(burst)
+        self._max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key → (tokens, at_s)
+
+    def take(self, key: str, now_s: float) -> bool:
+        """Spend one token of ``key``; False when it has none left."""
+        tokens, at_s = self._buckets.pop(key, (self._burst, now_s))
+        tokens = min(self._burst, tokens + (now_s - at_s) * self._rate)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now_s)
+        if len(self._buckets) > self._max_keys:
+            self._buckets.popitem(last=False)
+        return allowed
 
 
 @dataclass(frozen=True)
@@ -86,51 +143,6 @@ class _Outgoing:
     retain: bool = False
 
 
-def resolve_cameras(requested: object, known: Sequence[str]) -> list[str] | None:
-    """The ``cameras`` field → configured names (matched case-insensitively); None means all."""
-    if requested is None:
-        return None
-    if isinstance(requested, str):
-        requested = [requested]
-    if not isinstance(requested, list) or not all(isinstance(c, str) for c in requested):
-        raise RequestError("bad_request", "'cameras' must be a list of camera names")
-    if not requested:
-        return None
-    by_lower = {name.lower(): name for name in known}
-    unknown = [c for c in requested if c.strip().lower() not in by_lower]
-    if unknown:
-        raise RequestError(
-            "unknown_camera",
-            f"unknown camera(s) {', '.join(unknown)}; known: {', '.join(sorted(known)) or 'none'}",
-        )
-    return list(dict.fromkeys(by_lower[c.strip().lower()] for c in requested))
-
-
-def parse_request(body: dict[str, Any], *, tz: ZoneInfo, cameras: Sequence[str]) -> Question:
-    """A decoded JSON request → :class:`Question`; raises :class:`RequestError` naming the problem."""
-    text = body.get("question")
-    if not isinstance(text, str) or not text.strip():
-        raise RequestError("bad_request", "'question' is required and must be a non-empty string")
-    top_k = body.get("top_k")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K):
-        raise RequestError("bad_request", f"'top_k' must be an integer from 1 to {MAX_TOP_K}")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError("bad_request", "'stream' must be true or false")
-    try:
-        after_s, before_s = parse_window(body.get("after"), body.get("before"), tz)
-    except BadTimeError as exc:
-        raise RequestError("bad_time", str(exc)) from exc
-    return Question(
-        text=text.strip(),
-        cameras=resolve_cameras(body.get("cameras"), cameras),
-        after_s=after_s,
-        before_s=before_s,
-        top_k=top_k,
-        stream=stream,
-    )
-
-
 def answer_payload(answer: Answer, tz: ZoneInfo) -> dict[str, Any]:
     """The JSON body of an answer (times ISO 8601 with the configured zone's offset)."""
     return {
@@ -148,12 +160,35 @@ def answer_payload(answer: Answer, tz: ZoneInfo) -> dict[str, Any]:
             "after": None if answer.after_s is None else iso_time(answer.after_s, tz),
             "before": None if answer.before_s is None else iso_time(answer.before_s, tz),
         },
+        "offline": [
+            {
+                "camera": o.camera,
+                "start": iso_time(o.start_s, tz),
+                "end": None if o.end_s is None else iso_time(o.end_s, tz),
+            }
+            for o in answer.offline
+        ],
+        "about_now": answer.about_now,
+        "fresh": answer.fresh,
+        "age_s": None if answer.age_s is None else round(answer.age_s, 1),
+        "latest": [
+            {"camera": m.camera, "end": iso_time(m.end_s, tz), "age_s": round(m.age_s, 1), "fresh": m.fresh}
+            for m in answer.latest
+        ],
         "timing_ms": {name: round(ms, 2) for name, ms in answer.timing_ms.items()},
     }
 
 
 def error_payload(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
+
+
+def _connection_failure(exc: BaseException) -> bool:
+    """Whether a failed publish means the connection is gone (retry after reconnect) or the reply is bad."""
+    if isinstance(exc, aiomqtt.MqttCodeError):
+        return exc.rc in CONNECTION_RCS
+    # A PUBACK that did not come in time: the broker or the path to it is in trouble.
+    return isinstance(exc, aiomqtt.MqttError | TimeoutError | OSError)
 
 
 async def _first_of(*tasks: asyncio.Future[Any]) -> None:
@@ -185,15 +220,18 @@ class MqttApi:
         self._cameras = list(cameras)
         self._answer = answer
         self._drain_timeout_s = drain_timeout_s
-        prefix = settings.topic_prefix
-        self.ask_topic = f"{prefix}/ask"
-        self.available_topic = f"{prefix}/available"
-        self.status_topic = f"{prefix}/status"
+        self.topics = Topics(settings.topic_prefix)
+        self.ask_topic = self.topics.ask
+        self.available_topic = self.topics.available
+        self.status_topic = self.topics.status
+        self._rates = TokenBucket(settings.client_rate_per_s, settings.client_burst)
+        self._throttle = LogThrottle()
         self._states: dict[str, bytes] = {}
         self._status: bytes | None = None  # the daemon's retained status, re-published on connect
         self._outbox: deque[_Outgoing] = deque()
         self._outbox_size = outbox_size
-        self._jobs: set[asyncio.Task[None]] = set()
+        self._jobs: set[asyncio.Task[None]] = set()  # answers: these hold max_in_flight slots
+        self._error_replies: set[asyncio.Task[None]] = set()  # error replies: no slot, bounded apart
         self._client: aiomqtt.Client | None = None  # set while connected
         self._lost = asyncio.Event()  # set when the current connection drops
         self._stopping = False
@@ -204,6 +242,10 @@ class MqttApi:
                 "answered",
                 "errors",
                 "unanswerable",
+                "bad_reply_topic",
+                "rate_limited",
+                "errors_dropped",
+                "replies_failed",
                 "replies_queued",
                 "outbox_dropped",
                 "inbox_dropped",
@@ -219,6 +261,7 @@ class MqttApi:
         s = self._settings
         connect_props = Properties(PacketTypes.CONNECT)
         connect_props.SessionExpiryInterval = session_expiry_s
+        connect_props.MaximumPacketSize = max_packet_bytes(s.max_payload_bytes)
         tls_params = None
         if s.tls:
             tls_params = aiomqtt.TLSParameters(
@@ -314,7 +357,7 @@ class MqttApi:
         self._lost = asyncio.Event()
         self._client = client
         for camera, payload in list(self._states.items()):
-            await client.publish(self._state_topic(camera), payload, qos=QOS, retain=True)
+            await client.publish(self.topics.camera_state(camera), payload, qos=QOS, retain=True)
         if self._status is not None:
             await client.publish(self.status_topic, self._status, qos=QOS, retain=True)
         await self._flush_outbox()
@@ -361,23 +404,21 @@ class MqttApi:
             message = await anext(messages)  # already queued: does not wait
             if message.topic.matches(self.ask_topic):
                 self._dispatch(message)
-        if self._jobs:
+        if self._jobs or self._error_replies:
             log.info("waiting up to %.0f s for %d answer(s) in flight", self._drain_timeout_s, len(self._jobs))
-            await asyncio.wait(set(self._jobs), timeout=self._drain_timeout_s)
+            await asyncio.wait({*self._jobs, *self._error_replies}, timeout=self._drain_timeout_s)
         await self._cancel_jobs()
         with contextlib.suppress(aiomqtt.MqttError):
             await client.publish(self.available_topic, b"offline", qos=QOS, retain=True)
 
     async def _cancel_jobs(self) -> None:
-        for job in list(self._jobs):
-            job.cancel()
-        if self._jobs:
-            await asyncio.gather(*self._jobs, return_exceptions=True)
+        tasks = [*self._jobs, *self._error_replies]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     # ------------------------------------------------------------------ publishing
-
-    def _state_topic(self, camera: str) -> str:
-        return f"{self._settings.topic_prefix}/cameras/{camera}/state"
 
     async def publish_camera_state(self, camera: str, state: dict[str, Any]) -> None:
         """Retain ``state`` on the camera's topic now if connected, and after every reconnect."""
@@ -387,7 +428,9 @@ class MqttApi:
         if client is None:
             return
         try:
-            await client.publish(self._state_topic(camera), payload, qos=QOS, retain=True, timeout=CONNECT_TIMEOUT_S)
+            await client.publish(
+                self.topics.camera_state(camera), payload, qos=QOS, retain=True, timeout=CONNECT_TIMEOUT_S
+            )
         except aiomqtt.MqttError as exc:
             # Remembered above; _on_connect publishes it again.
             log.debug("camera state of %s not published now (%s); will be after reconnect", camera, exc)
@@ -426,7 +469,14 @@ class MqttApi:
             await _first_of(publish, gone)
             if publish.done() and not publish.cancelled() and publish.exception() is None:
                 return
-            why = "connection lost" if publish.cancelled() else publish.exception()
+            exc = None if publish.cancelled() else publish.exception()
+            if exc is not None and not lost.is_set() and not _connection_failure(exc):
+                # Not the connection: the same publish would fail again after a reconnect, and a
+                # reply that fails every flush would hold the outbox (and the reconnect) forever.
+                self.counters["replies_failed"] += 1
+                log.warning("reply to %r failed and is dropped: %s: %s", out.topic[:200], type(exc).__name__, exc)
+                return
+            why = "connection lost" if exc is None else exc
             log.info("reply to %s not published (%s); queued for after reconnect", out.topic, why)
         self._enqueue(out)
 
@@ -445,14 +495,20 @@ class MqttApi:
         log.info("publishing %d repl(ies) queued while disconnected", len(self._outbox))
         while self._outbox and self._client is client:
             out = self._outbox[0]
-            await client.publish(
-                out.topic,
-                out.payload,
-                qos=QOS,
-                retain=out.retain,
-                properties=self._props(out),
-                timeout=CONNECT_TIMEOUT_S,
-            )
+            try:
+                await client.publish(
+                    out.topic,
+                    out.payload,
+                    qos=QOS,
+                    retain=out.retain,
+                    properties=self._props(out),
+                    timeout=CONNECT_TIMEOUT_S,
+                )
+            except Exception as exc:
+                if _connection_failure(exc):
+                    raise  # the connection went again: the reply stays first in the outbox
+                self.counters["replies_failed"] += 1
+                log.warning("queued reply to %r failed, dropped: %s: %s", out.topic[:200], type(exc).__name__, exc)
             self._outbox.popleft()
 
     @staticmethod
@@ -472,42 +528,57 @@ class MqttApi:
     # ------------------------------------------------------------------ requests
 
     def _dispatch(self, message: aiomqtt.Message) -> None:
-        """Validate a request and start its answer job, or reply with the error at once."""
+        """Validate a request and start its answer job, or reply with the error at once.
+
+        Never raises for any payload or properties: a request is answered, refused with an
+        error reply, or dropped and counted (no usable reply address, rate limit, error flood).
+        """
         self.counters["requests"] += 1
-        raw = message.payload if isinstance(message.payload, bytes | bytearray) else str(message.payload).encode()
+        payload = message.payload
+        raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode("utf-8", "replace")
         props = message.properties
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
-        body: object = None
-        parse_error: RequestError | None = None
-        if len(raw) > self._settings.max_payload_bytes:
-            parse_error = RequestError(
-                "payload_too_large",
-                f"request is {len(raw)} bytes; the limit is {self._settings.max_payload_bytes}",
-            )
-        if parse_error is None or response_topic is None:
-            # An oversized v3.1.1 request is still parsed, only to find where to say so.
-            try:
-                body = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                parse_error = parse_error or RequestError("bad_json", f"request is not valid JSON: {exc}")
-        if body is not None and not isinstance(body, dict):
-            parse_error = parse_error or RequestError("bad_json", "request must be a JSON object")
-            body = None
-        fields: dict[str, Any] = body if isinstance(body, dict) else {}
-        reply_topic = response_topic or fields.get("reply_to")
-        if not isinstance(reply_topic, str) or not reply_topic or "+" in reply_topic or "#" in reply_topic:
+        request = decode_request(bytes(raw), max_bytes=self._settings.max_payload_bytes)
+        reply_topic = response_topic if response_topic is not None else request.reply_to
+        if reply_topic is None:
             self.counters["unanswerable"] += 1
-            log.warning(
-                "request on %s has no usable reply address (no v5 response topic, no 'reply_to'); dropped",
+            self._throttle.log(
+                "unanswerable",
+                logging.WARNING,
+                "request on %s has no reply address (no v5 response topic, no 'reply_to'); dropped",
                 message.topic,
             )
             return
-        to = ReplyTo(reply_topic, correlation, fields.get("id"))
+        problem = reply_topic_problem(reply_topic, self.topics, self._settings.reply_topics)
+        if problem is not None:
+            self.counters["bad_reply_topic"] += 1
+            self._throttle.log(
+                "bad_reply_topic",
+                logging.WARNING,
+                "request on %s dropped: %s (%r)",
+                message.topic,
+                problem,
+                str(reply_topic)[:200],
+            )
+            return
+        to = ReplyTo(reply_topic, correlation if isinstance(correlation, bytes) else None, request.request_id)
+        if not self._rates.take(reply_topic, time.monotonic()):
+            self.counters["rate_limited"] += 1
+            self._refuse(
+                to,
+                RequestError(
+                    "busy",
+                    f"more than {self._settings.client_rate_per_s:g} requests/s (burst "
+                    f"{self._settings.client_burst}) to this reply address; slow down",
+                ),
+            )
+            return
         try:
-            if parse_error is not None:
-                raise parse_error
-            question = parse_request(fields, tz=self._tz, cameras=self._cameras)
+            if request.error is not None:
+                raise request.error
+            assert request.ask is not None
+            question = to_question(request.ask, tz=self._tz, cameras=self._cameras)
             if self._stopping:
                 raise RequestError("shutdown", "vigil is stopping; ask again when it is back online")
             if len(self._jobs) >= self._settings.max_in_flight:
@@ -515,18 +586,27 @@ class MqttApi:
                     "busy", f"{len(self._jobs)} questions are being answered (max_in_flight); ask again later"
                 )
         except RequestError as exc:
-            self._start(self._fail(to, exc.code, exc.message))
+            self._refuse(to, exc)
             return
-        self._start(self._job(question, to))
-
-    def _start(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
+        task = asyncio.ensure_future(self._job(question, to))
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
 
+    def _refuse(self, to: ReplyTo, error: RequestError) -> None:
+        """Send an error reply without taking a question slot; under a flood, drop and count it."""
+        if len(self._error_replies) >= MAX_PENDING_ERRORS:
+            self.counters["errors_dropped"] += 1
+            self._throttle.log(
+                "errors_dropped", logging.WARNING, "%d error replies pending: dropped one", len(self._error_replies)
+            )
+            return
+        task = asyncio.ensure_future(self._fail(to, error.code, error.message))
+        self._error_replies.add(task)
+        task.add_done_callback(self._error_replies.discard)
+
     async def _fail(self, to: ReplyTo, code: str, message: str) -> None:
         self.counters["errors"] += 1
-        log.info("request to %s refused: %s: %s", to.topic, code, message)
+        self._throttle.log(f"refused:{code}", logging.INFO, "request to %s refused: %s: %s", to.topic, code, message)
         await self._reply(to, error_payload(code, message))
 
     async def _job(self, question: Question, to: ReplyTo) -> None:

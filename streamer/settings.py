@@ -40,6 +40,8 @@ from pydantic import (
     model_validator,
 )
 
+from streamer.topics import valid_topic_filter
+
 ENV_PREFIX = "VIGIL_"
 ENV_SEPARATOR = "__"
 
@@ -201,6 +203,24 @@ class MqttSettings(_Strict):
     answer_timeout_s: float = Field(
         default=120.0, gt=0, description="A question not answered by then gets a timeout error."
     )
+    reply_topics: list[str] | None = Field(
+        default=None,
+        description="Topic filters replies may go to (e.g. 'clients/+/replies'); null: any topic outside vigil's own.",
+    )
+    client_rate_per_s: float = Field(
+        default=5.0, gt=0, description="Requests per second one requester (v5 client / reply address) may sustain."
+    )
+    client_burst: int = Field(
+        default=20, ge=1, description="Requests one requester may send at once before its rate applies."
+    )
+
+    @field_validator("reply_topics")
+    @classmethod
+    def _reply_topics(cls, value: list[str] | None) -> list[str] | None:
+        bad = [f for f in value or [] if not valid_topic_filter(f)]
+        if bad:
+            raise ValueError(f"not MQTT topic filters: {', '.join(map(repr, bad))}")
+        return value
 
     @field_validator("topic_prefix")
     @classmethod

@@ -73,7 +73,7 @@ def mqtt_broker() -> tuple[str, int]:
     if not accepts(MQTT_PORT, MQTT_HOST):
         pytest.fail(
             f"No MQTT broker on {MQTT_HOST}:{MQTT_PORT}. Start one with `bash scripts/setup.sh` or "
-            "`mosquitto -d -c configs/mosquitto.conf`",
+            "`mkdir -p var/mosquitto && mosquitto -d -c configs/mosquitto.conf` (from the repository root)",
             pytrace=False,
         )
     return MQTT_HOST, MQTT_PORT

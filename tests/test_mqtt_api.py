@@ -19,12 +19,14 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import aiomqtt
+import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from retrieval.answer import Answer, Citation, Question
-from streamer.mqtt_api import MqttApi
+from streamer.mqtt_api import MqttApi, _Outgoing, max_packet_bytes
 from streamer.settings import MqttSettings
+from streamer.topics import Topics
 from tests.plugins.brokers import retained
 
 TZ = ZoneInfo("Europe/Berlin")
@@ -134,7 +136,7 @@ class Requester:
             props = Properties(PacketTypes.PUBLISH)
             props.ResponseTopic = self.reply_topic
             props.CorrelationData = correlation or uuid.uuid4().bytes
-        await self.client.publish(f"{self.prefix}/ask", payload, qos=1, properties=props)
+        await self.client.publish(Topics(self.prefix).ask, payload, qos=1, properties=props)
 
     async def reply(self) -> tuple[dict[str, Any], aiomqtt.Message]:
         message = await asyncio.wait_for(self.replies.get(), WAIT_S)
@@ -305,6 +307,7 @@ import asyncio, sys
 from zoneinfo import ZoneInfo
 from streamer.mqtt_api import MqttApi
 from streamer.settings import MqttSettings
+from streamer.topics import Topics
 from tests.plugins.brokers import retained
 
 async def answer(question, on_delta):
@@ -392,3 +395,195 @@ async def test_broker_restart_reply_made_while_down_is_delivered(private_broker,
                 fresh, message = await req2.reply()
     assert fresh["answer"] == "you asked: after the restart"
     assert api.counters["connects"] >= 2
+
+
+# --------------------------------------------------------------------------- hostile requests (issue 9)
+
+
+async def _still_serving(req: Requester, api: MqttApi) -> None:
+    await req.ask({"question": "still there?", "reply_to": req.reply_topic}, correlation=b"alive")
+    reply, _ = await req.reply()
+    assert reply["answer"] == "you asked: still there?"
+    assert api.connected
+
+
+async def test_deep_json_and_huge_integers_get_bad_json_and_the_service_keeps_reading(broker, prefix):
+    # Before: RecursionError / ValueError escaped _dispatch and ended the API task (and the daemon).
+    api = MqttApi(settings_for(*broker, prefix), tz=TZ, cameras=CAMERAS, answer=echo_answer)
+    cases = [b"[" * 1000 + b"]" * 1000, b'{"question": "q", "top_k": ' + b"9" * 5000 + b"}", b"9" * 5000]
+    async with running(api), Requester(*broker, prefix) as req:
+        for i, raw in enumerate(cases):
+            await req.ask(raw, correlation=bytes([i]))
+            reply, message = await req.reply()
+            assert message.properties.CorrelationData == bytes([i])
+            assert reply["error"]["code"] == "bad_json"
+        await _still_serving(req, api)
+
+
+async def test_v311_reply_to_keeps_id_when_the_body_is_refused(broker, prefix):
+    api = MqttApi(settings_for(*broker, prefix), tz=TZ, cameras=CAMERAS, answer=echo_answer)
+    async with running(api), Requester(*broker, prefix, v5=False) as req:
+        await req.ask({"question": "q", "cameras": "rtmp", "reply_to": req.reply_topic, "id": "c-1"})
+        reply, _ = await req.reply()
+        assert (reply["id"], reply["error"]["code"]) == ("c-1", "bad_request")
+        assert "cameras" in reply["error"]["message"]
+        await req.ask({"question": "q", "reply_to": req.reply_topic, "id": {"nested": [1]}})
+        reply, _ = await req.reply()
+        assert "id" not in reply  # an id that is not a bounded string or number is not echoed
+        assert reply["error"]["code"] == "bad_request"
+
+
+async def test_oversized_v311_request_is_answered_when_reply_to_is_cheap_to_find(broker, prefix):
+    api = MqttApi(settings_for(*broker, prefix, max_payload_bytes=1024), tz=TZ, cameras=CAMERAS, answer=echo_answer)
+    async with running(api), Requester(*broker, prefix, v5=False) as req:
+        await req.ask({"reply_to": req.reply_topic, "id": 9, "question": "x" * 5000})
+        reply, _ = await req.reply()
+        assert (reply["id"], reply["error"]["code"]) == (9, "payload_too_large")
+        # reply_to far beyond the sniffed head: dropped and counted, not parsed.
+        await req.ask(b'{"question": "' + b"x" * 8000 + b'", "reply_to": "' + req.reply_topic.encode() + b'"}')
+        await _still_serving(req, api)
+    assert api.counters["unanswerable"] == 1
+    assert req.replies.empty()
+
+
+async def test_lone_surrogate_question_is_bad_request_not_internal(broker, prefix):
+    async def utf8_answer(question: Question, on_delta: Callable[[str], Awaitable[None]] | None) -> Answer:
+        question.text.encode("utf-8")  # what a tokenizer does first
+        return await echo_answer(question, on_delta)
+
+    api = MqttApi(settings_for(*broker, prefix), tz=TZ, cameras=CAMERAS, answer=utf8_answer)
+    async with running(api), Requester(*broker, prefix) as req:
+        await req.ask(b'{"question": "who \\ud800 came?"}')
+        reply, _ = await req.reply()
+    assert reply["error"]["code"] == "bad_request"
+
+
+@pytest.mark.parametrize(
+    "reply_to",
+    [
+        "me/\ud800",  # lone surrogate: paho could not encode it
+        "me/\x00nul",  # NUL: not a valid topic name
+        "{prefix}/ask",  # would make vigil ask itself
+        "{prefix}/available",  # would overwrite availability
+        "{prefix}/cameras/garage/state",
+        "homeassistant/sensor/vigil/config",  # another system's discovery
+        "$SYS/x",
+        "me/#",
+    ],
+)
+async def test_unusable_reply_to_is_dropped_and_nothing_is_published_there(broker, prefix, reply_to):
+    reply_to = reply_to.replace("{prefix}", prefix)
+    api = MqttApi(settings_for(*broker, prefix), tz=TZ, cameras=CAMERAS, answer=echo_answer)
+    async with running(api), Requester(*broker, prefix, v5=False) as req:
+        async with aiomqtt.Client(*broker, identifier=f"{prefix}-spy") as spy:
+            if "\x00" not in reply_to and "\ud800" not in reply_to and not reply_to.startswith("$"):
+                await spy.subscribe(reply_to, qos=1)
+            for kind in ("bad", "good"):
+                body = {"question": "q", "reply_to": reply_to, "id": 1}
+                if kind == "good":
+                    body = {"question": "q", "reply_to": req.reply_topic}
+                await req.client.publish(Topics(prefix).ask, json.dumps(body).encode(), qos=1)
+            reply, _ = await req.reply()  # the good one is answered: the bad one did not block it
+            assert reply["answer"] == "you asked: q"
+            seen = []
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    async for message in spy.messages:
+                        if not message.retain:
+                            seen.append(message)
+        assert [m for m in seen if str(m.topic) != Topics(prefix).ask] == []
+        assert len([m for m in seen if str(m.topic) == Topics(prefix).ask]) <= 2  # only the requester's own
+        assert api.counters["bad_reply_topic"] == 1
+        assert api.counters["replies_queued"] == 0
+        if reply_to == f"{prefix}/available":
+            assert (await retained(*broker, reply_to))[reply_to] == b"online"
+        await _still_serving(req, api)
+
+
+async def test_reply_topics_allow_list(broker, prefix):
+    settings = settings_for(*broker, prefix, reply_topics=[f"{prefix}/reply/+"])
+    api = MqttApi(settings, tz=TZ, cameras=CAMERAS, answer=echo_answer)
+    async with (
+        running(api),
+        Requester(*broker, prefix) as req,
+        Requester(*broker, prefix, reply_topic=f"{prefix}/elsewhere") as other,
+    ):
+        await other.ask({"question": "refused"})
+        await req.ask({"question": "allowed"})
+        reply, _ = await req.reply()
+    assert reply["answer"] == "you asked: allowed"
+    assert other.replies.empty()
+    assert api.counters["bad_reply_topic"] == 1
+
+
+async def test_error_replies_do_not_hold_question_slots(broker, prefix):
+    # Before: each error reply ran as a job counted against max_in_flight while it waited for its
+    # PUBACK, so a burst of bad requests made the next valid question "busy". Each request has
+    # its own reply topic (its own rate budget), so only the slots are under test.
+    api = MqttApi(settings_for(*broker, prefix, max_in_flight=1), tz=TZ, cameras=CAMERAS, answer=echo_answer)
+    replies: dict[str, dict[str, Any]] = {}
+    async with running(api), aiomqtt.Client(*broker, protocol=aiomqtt.ProtocolVersion.V5) as client:
+        await client.subscribe(f"{prefix}/r/#", qos=1)
+        for i in range(30):
+            await client.publish(Topics(prefix).ask, b"{bad", qos=0, properties=_v5_props(f"{prefix}/r/e{i}", b"e"))
+        await client.publish(
+            Topics(prefix).ask, b'{"question": "valid"}', qos=0, properties=_v5_props(f"{prefix}/r/v", b"v")
+        )
+        async with asyncio.timeout(WAIT_S):
+            async for message in client.messages:
+                assert isinstance(message.payload, bytes)
+                replies[str(message.topic).rsplit("/", 1)[1]] = json.loads(message.payload)
+                if len(replies) == 31:
+                    break
+    assert replies["v"].get("answer") == "you asked: valid", replies["v"]
+    assert all(replies[f"e{i}"]["error"]["code"] == "bad_json" for i in range(30))
+
+
+async def test_requester_over_its_rate_gets_busy(broker, prefix):
+    settings = settings_for(*broker, prefix, client_rate_per_s=0.01, client_burst=3)
+    api = MqttApi(settings, tz=TZ, cameras=CAMERAS, answer=echo_answer)
+    async with running(api), Requester(*broker, prefix) as req, Requester(*broker, prefix) as other:
+        for i in range(5):
+            await req.ask({"question": f"q{i}"}, correlation=b"%d" % i)
+        codes = {}
+        for _ in range(5):
+            body, message = await req.reply()
+            codes[message.properties.CorrelationData] = body.get("error", {}).get("code", "answered")
+        await other.ask({"question": "me too"})  # another reply address has its own budget
+        body, _ = await other.reply()
+    assert sorted(codes.values()) == ["answered"] * 3 + ["busy"] * 2
+    assert body["answer"] == "you asked: me too"
+    assert api.counters["rate_limited"] == 2
+
+
+async def test_a_publish_that_fails_for_its_topic_is_dropped_not_queued(broker, prefix):
+    # Before: any failed publish went to the outbox, and the reconnect flush raised on it forever.
+    api = MqttApi(settings_for(*broker, prefix), tz=TZ, cameras=CAMERAS, answer=echo_answer)
+    async with running(api), Requester(*broker, prefix) as req:
+        await api._send(_Outgoing("bad/+/topic", b"{}", None))
+        assert api.counters["replies_failed"] == 1
+        assert api.counters["replies_queued"] == 0
+        await _still_serving(req, api)
+
+
+def _v5_props(topic: str, correlation: bytes) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = topic
+    props.CorrelationData = correlation
+    return props
+
+
+async def test_packets_over_the_announced_maximum_never_reach_vigil(broker, prefix):
+    # CONNECT announces Maximum Packet Size 4 x max_payload_bytes (at least 1 MiB): the broker
+    # drops bigger packets for vigil instead of making it read them.
+    settings = settings_for(*broker, prefix, max_payload_bytes=1024)
+    api = MqttApi(settings, tz=TZ, cameras=CAMERAS, answer=echo_answer)
+    assert max_packet_bytes(1024) == 1 << 20
+    async with running(api), Requester(*broker, prefix) as req:
+        await req.ask(b'{"question": "' + b"x" * (2 << 20) + b'"}', correlation=b"huge")
+        await req.ask(b'{"question": "' + b"x" * 4096 + b'"}', correlation=b"big")
+        reply, message = await req.reply()
+        assert message.properties.CorrelationData == b"big"
+        assert reply["error"]["code"] == "payload_too_large"
+        await _still_serving(req, api)
+    assert api.counters["requests"] == 2  # "big" and "still there?": the 2 MiB one never arrived

@@ -253,3 +253,56 @@ async def test_a_streamed_answer_past_its_deadline_always_times_out(redis_client
     finally:
         answerer.close()
     assert published
+
+
+class RecordingModel:
+    """Records the prompt it is given and answers "ok" (the prompt is under test, not generation)."""
+
+    def __init__(self) -> None:
+        self.parts: list = []
+
+    def generate_stream(self, parts, *, max_new_tokens, deadline_s=None):
+        self.parts = list(parts)
+        yield "ok"
+
+
+async def test_answer_about_now_says_how_old_memory_is_and_which_cameras_were_offline(memory, tiny_embedder):
+    store, index, metas = memory
+    retriever = Retriever(tiny_embedder, store, index, top_k=2, recent_chunks=1, max_chunks=6)
+    model = RecordingModel()
+    answerer = Answerer(model, retriever, tz=TZ, max_new_tokens=4, generation_timeout_s=30.0, fresh_within_s=60.0)
+    try:
+        now = await answerer.answer(Question("what is happening now?"))
+        prompt = "".join(p.text for p in model.parts if hasattr(p, "text"))
+        past = await answerer.answer(Question("who was at the door?"))
+    finally:
+        answerer.close()
+    # The memory is from T0 (long before now): about now, but not fresh; each camera's newest.
+    assert now.about_now
+    assert now.fresh is False
+    assert [(m.camera, m.end_s) for m in now.latest] == [
+        ("front_door", metas["front_door"].end_s),
+        ("garage", metas["garage2"].end_s),
+    ]
+    assert now.age_s == pytest.approx(time.time() - metas["front_door"].end_s, abs=60)
+    assert "newest memory of camera garage ends" in prompt
+    assert "does not show the present" in prompt
+    assert [(o.camera, o.start_s, o.end_s) for o in now.offline] == [("garage", T0 + 20.0, T0 + 50.0)]
+    assert (past.about_now, past.fresh, past.age_s, past.latest) == (False, None, None, [])
+
+
+async def test_answer_about_now_with_recent_memory_is_fresh(memory, tiny_embedder):
+    store, index, _ = memory
+    retriever = Retriever(tiny_embedder, store, index, top_k=2, recent_chunks=1, max_chunks=6)
+    model = RecordingModel()
+    # Everything in the fixture counts as recent under a fresh_within_s longer than its age.
+    answerer = Answerer(model, retriever, tz=TZ, max_new_tokens=4, generation_timeout_s=30.0, fresh_within_s=1e9)
+    try:
+        answer = await answerer.answer(Question("is anyone at the door now?", cameras=["front_door"]))
+    finally:
+        answerer.close()
+    prompt = "".join(p.text for p in model.parts if hasattr(p, "text"))
+    assert answer.fresh is True
+    assert [m.camera for m in answer.latest] == ["front_door"]
+    assert "does not show the present" not in prompt
+    assert answer.offline == []  # the garage outage is not of the selected camera
