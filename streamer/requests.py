@@ -39,6 +39,7 @@ MAX_NAME_CHARS = 128  # camera names (memory/keys.py allows 128)
 MAX_TIME_CHARS = 64  # an ISO 8601 time with offset is about 32 characters
 MAX_ID_CHARS = 256  # an echoed v3.1.1 id: a UUID or a counter, not a document
 MAX_ID_INT = 2**63  # |id| below this: what a 64-bit requester can match against
+MAX_FIELD_NAME_CHARS = 64  # of a field name quoted in an error message
 MAX_TOPIC_BYTES = 65535  # MQTT topic names are length-prefixed with two bytes
 MAX_TOP_K = 64  # same bound as RetrievalSettings.top_k
 SNIFF_BYTES = 4096  # of an oversized payload, only this much is searched for reply_to and id
@@ -204,7 +205,8 @@ def _first_error(exc: ValidationError) -> str:
     """A short message naming the first few invalid fields (pydantic's text is long and repeats input)."""
     parts = []
     for err in exc.errors(include_url=False, include_input=False)[:3]:
-        where = ".".join(str(p) for p in err["loc"]) or "request"
+        # Field names come from the request (an unknown key can be 64 KiB long): bounded here.
+        where = ".".join(str(p) for p in err["loc"])[:MAX_FIELD_NAME_CHARS] or "request"
         parts.append(f"'{where}': {err['msg']}")
     more = len(exc.errors()) - len(parts)
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")

@@ -140,6 +140,14 @@ def test_schema_refuses_wrong_types_and_ranges(body):
     assert len(request.error.message) < 600
 
 
+def test_error_message_is_bounded_whatever_the_field_names():
+    request = decode({"question": "q", "k" * 50_000: 1, "\ud800": 2})
+    assert request.error is not None
+    assert request.error.code == "bad_request"
+    assert len(request.error.message) < 400
+    json.dumps({"error": request.error.message})  # ensure_ascii escapes the surrogate
+
+
 def test_valid_request_becomes_a_question():
     request = decode(
         {
