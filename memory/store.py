@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import redis.exceptions as redis_errors
 
+from memory.aio import wait_set
 from memory.keys import RedisKeys, check_camera
 from memory.outage import Outage
 
@@ -341,8 +342,7 @@ class MemoryStore:
     async def run_retry_loop(self, stop: asyncio.Event, interval_s: float = RETRY_INTERVAL_S) -> None:
         """Retry buffered writes every ``interval_s`` until ``stop``; then one last bounded try."""
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=interval_s)
+            await wait_set(stop, interval_s)
             if self._pending:
                 await self.flush_pending()
         if self._pending:

@@ -34,6 +34,7 @@ from zoneinfo import ZoneInfo
 import av.container
 import av.error
 
+from memory.aio import wait_set
 from memory.outage import Outage
 from streamer.backoff import backoff_delay_s
 from streamer.frames import Chunk, ChunkBuilder, Frame, RateMeter, Sampler, StreamClock
@@ -257,8 +258,7 @@ class CameraWorker:
                 self._reconnects += 1
                 await self._set_state("reconnecting", self._describe(error))
                 log.info("camera %s: reconnecting in %.1f s", self.name, delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+                await wait_set(stop, delay)
         finally:
             await self._shutdown()
 

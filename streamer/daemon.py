@@ -36,6 +36,7 @@ from zoneinfo import ZoneInfo
 import redis.exceptions
 import transformers
 
+from memory.aio import wait_set
 from memory.store import MemoryStore
 from retrieval.answer import FRESH_WITHIN_S, Answerer
 from retrieval.search import Retriever
@@ -142,8 +143,7 @@ class StatusReporter:
         """Until ``stop``: re-publish every STATUS_INTERVAL_S; publish a health change at once."""
         last_published = time.monotonic()
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=HEALTH_CHECK_S)
+            await wait_set(stop, HEALTH_CHECK_S)
             health = self.health()
             # A change of what is wrong, not of its numbers (pending writes grow every second).
             changed = health.causes != self._health.causes

@@ -9,13 +9,13 @@ stop signal. The final index save is not done here but when the resources close
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Mapping
 
 import redis.exceptions
 
+from memory.aio import wait_set
 from memory.store import REDIS_AWAY_ERRORS, MemoryStore
 from streamer.resources import IndexFile
 
@@ -51,8 +51,7 @@ class Maintenance:
             if time.monotonic() >= next_retention:
                 next_retention = time.monotonic() + self._retention_interval_s
                 await self.apply_retention(time.time())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self._save_interval_s)
+            await wait_set(stop, self._save_interval_s)
             await self._index.save_if_dirty()
 
     async def apply_retention(self, now_s: float) -> int:

@@ -40,6 +40,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from memory.aio import wait_set
 from retrieval.answer import Answer, Question
 from streamer.backoff import backoff_delays
 from streamer.requests import RequestError, decode_request, reply_topic_problem, to_question
@@ -338,8 +339,7 @@ class MqttApi:
                         exc,
                         delay,
                     )
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=delay)
+                    await wait_set(stop, delay)
                 finally:
                     self._connection_lost()
             await self._cancel_jobs()

@@ -17,6 +17,8 @@ import os
 import socket
 from collections.abc import Mapping
 
+from memory.aio import wait_set
+
 log = logging.getLogger(__name__)
 
 USEC_PER_S = 1_000_000
@@ -104,7 +106,4 @@ class Notifier:
         log.info("systemd watchdog every %.1f s (WatchdogSec=%.1f s)", period, interval)
         while not stop.is_set():
             self.watchdog()
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=period)
-            except TimeoutError:
-                continue
+            await wait_set(stop, period)

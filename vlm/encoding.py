@@ -163,11 +163,13 @@ class BatchEncoder:
             while frames < self._max_frames:
                 remaining = deadline - loop.time()
                 try:
-                    # get_nowait once the wait is over: wait_for(timeout=0) would not take a queued item.
+                    # get_nowait once the wait is over: a zero timeout would not take a queued item.
+                    # asyncio.timeout, not wait_for: see memory/aio.py (python/cpython#86296).
                     if remaining <= 0:
                         item = queue.get_nowait()
                     else:
-                        item = await asyncio.wait_for(queue.get(), remaining)
+                        async with asyncio.timeout(remaining):
+                            item = await queue.get()
                 except (TimeoutError, asyncio.QueueEmpty):
                     break
                 if item is None:
