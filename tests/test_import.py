@@ -112,7 +112,7 @@ async def test_unreadable_files_raise_a_clear_error_and_the_cli_returns_1(
 
     def args(file: Path, camera: str = "lot", start: str | None = None) -> argparse.Namespace:
         return argparse.Namespace(
-            file=str(file), camera=camera, start=start, config=str(tmp_path / "none.yaml"), no_progress=True
+            paths=[str(file)], camera=camera, start=start, config=str(tmp_path / "none.yaml"), no_progress=True
         )
 
     assert cli_import(args(broken)) == 1
@@ -159,7 +159,7 @@ def test_cli_import_feeds_the_real_pipeline(
         )
     )
     args = argparse.Namespace(
-        file=str(CAR), camera="lot", start="2026-05-01T14:30:00", config=str(config), no_progress=True
+        paths=[str(CAR)], camera="lot", start="2026-05-01T14:30:00", config=str(config), no_progress=True
     )
     client = redis.Redis.from_url(redis_url)
     try:
