@@ -316,13 +316,13 @@ def plan_import(
 ) -> tuple[list[Recording], list[ImportFileError]]:
     """The recordings to import in time order, and the files that cannot be imported (and why).
 
-    ``start_s`` (``--start``) is only allowed for a single file. Raises ImportFileError when a
-    folder holds no video.
+    ``start_s`` (``--start``) is only allowed for a single file (ValueError otherwise). Raises
+    ImportFileError when a folder holds no video.
     """
     files = collect_files(paths)
     single = len(files) == 1 and not Path(paths[0]).is_dir()
     if start_s is not None and not single:
-        raise ValueError("--start applies to a single file; several files are placed by their own times")
+        raise ValueError("only for a single file: several files are placed by their creation_time or name")
     recordings: list[Recording] = []
     failed: list[ImportFileError] = []
     for file in files:
@@ -447,9 +447,8 @@ def iter_recordings(
     """Chunks of recordings in the given order as one stream (blocking; run it in a thread).
 
     One sampler and one chunk builder run across the files, so a chunk may span two segments.
-    ``coverage`` receives each file's FileCoverage as its reading starts; a file that stops with
-    a demuxer error is recorded there and the next file follows. Raises ImportFileError when a
-    file cannot be opened.
+    ``coverage`` receives each file's FileCoverage as its reading starts; a file that cannot be
+    opened any more or stops with a demuxer error is recorded there and the next file follows.
     """
     stats = stats if stats is not None else DecodeStats()
     sampler = Sampler(settings.sample_fps)
@@ -458,7 +457,11 @@ def iter_recordings(
         seen = FileCoverage(recording)
         if coverage is not None:
             coverage.append(seen)
-        container = _open(recording.path, settings)
+        try:
+            container = _open(recording.path, settings)
+        except ImportFileError as exc:  # gone or changed since it was probed: the others go on
+            seen.error = str(exc)
+            continue
         try:
             frames = _file_frames(container, recording, sampler, seen, skip=skip, stats=stats, abort=abort)
             for frame in sampled(frames, sampler, camera, stats):
@@ -518,8 +521,8 @@ async def import_recordings(
 
     The decoder waits for the pipeline (a bounded queue of ``IMPORT_QUEUE_CHUNKS``) instead of
     dropping frames as a live camera would. The progress bar counts seconds of video read and
-    stays on screen at the end, so an import that stopped short shows where. Raises
-    ImportFileError for a file that cannot be opened.
+    stays on screen at the end, so an import that stopped short shows where. Files that could
+    not be read whole are in the result's ``incomplete``.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Chunk | BaseException | None] = asyncio.Queue(IMPORT_QUEUE_CHUNKS)

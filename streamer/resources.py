@@ -48,6 +48,9 @@ FAISS_THREADS = 1
 # How often a daemon's index looks for chunks other processes (vigil import) stored: imported
 # memory is searchable this long after it reached Redis; each look is one small read per camera.
 FOLLOW_INTERVAL_S = 1.0
+# The last look at stop (so the index saved at exit holds what was stored until then) gets this
+# long; what it misses the next start's catch-up adds.
+FINAL_FOLLOW_S = 5.0
 
 
 @dataclass
@@ -83,18 +86,18 @@ class IndexFile:
 
     async def follow(self, store: MemoryStore, stop: asyncio.Event, interval_s: float = FOLLOW_INTERVAL_S) -> None:
         """Until ``stop``: every ``interval_s``, add the chunks other processes stored (the daemon task
-        ``index:follow``). Redis being away is waited out; anything else propagates."""
+        ``index:follow``); then one last bounded look. Redis being away is waited out; anything else
+        propagates."""
         away = False
         followed = 0  # chunks added in the current run of additions, logged when it ends
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
-            if stop.is_set():
-                break
             try:
-                added = await self.index.follow(store, self.cursors)
-            except REDIS_AWAY_ERRORS as exc:
-                if not away:
+                async with asyncio.timeout(FINAL_FOLLOW_S if stop.is_set() else None):
+                    added = await self.index.follow(store, self.cursors)
+            except (*REDIS_AWAY_ERRORS, TimeoutError) as exc:
+                if not away and not stop.is_set():
                     logger.warning("index cannot follow Redis (%s: %s); retrying", type(exc).__name__, exc)
                 away = True
                 continue
@@ -105,7 +108,7 @@ class IndexFile:
                 self.dirty = True
                 followed += added
                 logger.debug("index: %d chunks stored elsewhere added", added)
-            elif followed:
+            if followed and (not added or stop.is_set()):
                 logger.info("index: %d chunks stored by another process (vigil import) added", followed)
                 followed = 0
 

@@ -322,7 +322,10 @@ def test_several_files_need_their_own_times_and_start_is_for_one_file(
         )  # fmt: skip
 
     assert cli_import(args(segments[0].parent, start="2026-11-19T08:00:00Z")) == 2
-    assert "--start: --start applies to a single file" in capsys.readouterr().err
+    assert (
+        "--start: only for a single file: several files are placed by their creation_time or name"
+        in capsys.readouterr().err
+    )
     assert cli_import(args(tmp_path / "empty-dir-does-not-exist.mp4")) == 1
     assert "no such file" in capsys.readouterr().err
     empty = tmp_path / "empty"
