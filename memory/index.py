@@ -21,7 +21,8 @@ can see, so search and save take views under a short lock and do the heavy work 
 (call them from worker threads; they release the GIL inside FAISS and numpy).
 
 The index is derived from Redis (memory/store.py): ``catch_up`` makes it agree with the store,
-``save`` writes it atomically (temp file, fsync, ``os.replace``).
+``follow`` adds what other processes stored since (the store's ``added`` log), ``save`` writes it
+atomically (temp file, fsync, ``os.replace``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import os
 import tempfile
 import threading
 import zipfile
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -453,17 +455,7 @@ class VectorIndex:
             in_index = self.ids(camera)
             missing = sorted(in_redis - in_index)
             if missing:
-                rows = await store.get_vectors(camera, missing)
-                good = [(m, v) for m, v in rows if v.shape == (self.dim,)]
-                if len(good) < len(rows):
-                    logger.warning(
-                        "catch-up %s: skipped %d vectors whose dim is not %d",
-                        camera,
-                        len(rows) - len(good),
-                        self.dim,
-                    )
-                if good:
-                    added += self.add_many([m for m, _ in good], np.stack([v for _, v in good]))
+                added += await self._add_stored(store, camera, missing)
             extra = sorted(in_index - in_redis)
             if extra:
                 still_there = {m.chunk_id for m, _ in await store.get_vectors(camera, extra)}
@@ -473,3 +465,42 @@ class VectorIndex:
         if added or removed:
             logger.info("index caught up with Redis: %d chunks added, %d removed", added, removed)
         return added, removed
+
+    async def follow(self, store: MemoryStore, cursors: MutableMapping[str, str]) -> int:
+        """Add the chunks logged in the store's ``added`` streams after ``cursors``; returns how many.
+
+        ``cursors`` (camera → stream id, from ``MemoryStore.added_cursors``) is advanced in place.
+        Chunks already indexed (the daemon's own) are skipped without a read; a chunk whose hash
+        is gone by now (retention) is skipped. When a camera's log was trimmed past its cursor,
+        the entries in between are unknown: a full ``catch_up`` covers them instead.
+        """
+        added = 0
+        while True:
+            reads = await store.read_added(cursors)
+            gaps = [r.camera for r in reads if r.gap]
+            if gaps:
+                logger.warning(
+                    "index fell behind the added log of %s: catching up from Redis", ", ".join(sorted(gaps))
+                )
+                # After the reads: the catch-up's snapshot covers every entry up to the new cursors.
+                caught, _ = await self.catch_up(store)
+                added += caught
+            for read in reads:
+                missing = [] if read.gap else sorted({i for i in read.chunk_ids if i not in self})
+                if missing:
+                    added += await self._add_stored(store, read.camera, missing)
+                cursors[read.camera] = read.cursor
+            if not any(r.more for r in reads):
+                return added
+
+    async def _add_stored(self, store: MemoryStore, camera: str, chunk_ids: list[int]) -> int:
+        """Add chunks of ``camera`` with the vectors stored in Redis; wrong-sized vectors are logged."""
+        rows = await store.get_vectors(camera, chunk_ids)
+        good = [(m, v) for m, v in rows if v.shape == (self.dim,)]
+        if len(good) < len(rows):
+            logger.warning(
+                "index %s: skipped %d vectors whose dim is not %d", camera, len(rows) - len(good), self.dim
+            )
+        if not good:
+            return 0
+        return self.add_many([m for m, _ in good], np.stack([v for _, v in good]))

@@ -13,6 +13,7 @@ Layout (``P`` is the configured key prefix, ``C`` a camera name):
 | ``P:{C}:timeline`` | sorted set | member = chunk id (decimal), score = chunk start in UTC ms |
 | ``P:{C}:chunk:<id>`` | hash | ``meta`` (JSON), ``payload`` (codec bytes), ``vec`` (float32 bytes) |
 | ``P:{C}:outages`` | hash | field = outage start in UTC ms, value = JSON record |
+| ``P:{C}:added`` | stream | one entry per chunk write: ``chunk`` (id), ``start_ms``; capped |
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ class RedisKeys:
         """Hash of the camera's outage records keyed by start time in ms."""
         return f"{self.prefix}:{self.camera_tag(camera)}:outages"
 
+    def added(self, camera: str) -> str:
+        """Stream logging every chunk write of the camera, so a running daemon's index follows
+        writes of other processes (``vigil import``)."""
+        return f"{self.prefix}:{self.camera_tag(camera)}:added"
+
     def camera_keys(self, camera: str, chunk_id: int) -> list[str]:
         """Every per-camera key form (for tests and tools that check slot placement)."""
-        return [self.timeline(camera), self.chunk(camera, chunk_id), self.outages(camera)]
+        return [self.timeline(camera), self.chunk(camera, chunk_id), self.outages(camera), self.added(camera)]

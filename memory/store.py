@@ -12,10 +12,15 @@ Per camera (key names in memory/keys.py, all under the camera's hash tag):
   and "latest" queries and drives retention. A sorted set rather than a Stream because chunks can
   arrive out of order (retries after an outage, re-imports) and a retried write must be a no-op:
   ``ZADD`` of an existing member is idempotent, while ``XADD`` refuses ids below the stream top.
-* a hash of outage records.
+* a hash of outage records;
+* a capped stream ``added`` with an entry per chunk write (id and start time): a running daemon
+  reads it (``read_added``) so that its index follows chunks other processes store
+  (``vigil import``) without a restart. Capped at ``ADDED_LOG_LEN`` entries; a reader that fell
+  further behind is told so (``AddedRead.gap``) and rebuilds from the timeline instead.
 
-A chunk's hash and its timeline entry are written and deleted in one MULTI/EXEC; both keys share a
-slot, so this also holds in Redis Cluster.
+A chunk's hash, its timeline entry and its ``added`` entry are written in one MULTI/EXEC (and
+hash and timeline entry deleted in one); the keys share a slot, so this also holds in Redis
+Cluster.
 
 Writes that fail because Redis is away are kept in a bounded buffer and retried by
 ``run_retry_loop``; when the buffer is full the oldest write is dropped, counted and logged.
@@ -30,7 +35,7 @@ import json
 import logging
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +62,12 @@ MAX_CHUNK_SPAN_S = 300.0
 # Ids fetched or deleted per round trip: keeps each Redis command short so other clients
 # (the question path) are not stalled behind a bulk scan or a large retention pass.
 BATCH_IDS = 1000
+# Entries kept in each camera's ``added`` stream. A follower polls every second or so; this lets it
+# fall about 10,000 chunks (hours of a fast import) behind before it needs a full catch-up. An
+# entry is about 100 bytes, so a camera's log stays near 1 MB.
+ADDED_LOG_LEN = 10_000
+# The id before every stream entry: a cursor that has read nothing yet.
+STREAM_START = "0-0"
 # How often the retry loop tries buffered writes while Redis is away.
 RETRY_INTERVAL_S = 1.0
 # At shutdown, buffered writes get this long to reach Redis before they are reported lost.
@@ -122,6 +133,24 @@ class ChunkMeta:
     @classmethod
     def from_json(cls, text: str | bytes) -> ChunkMeta:
         return cls(**json.loads(text))
+
+
+@dataclass(frozen=True, slots=True)
+class AddedRead:
+    """What one camera's ``added`` stream held after a cursor (``MemoryStore.read_added``)."""
+
+    camera: str
+    chunk_ids: list[int]  # in write order; a chunk written twice appears twice
+    cursor: str  # id of the last entry read (the old cursor when none was new)
+    more: bool  # the read stopped at its count: entries after ``cursor`` may be waiting
+    gap: bool  # entries after the old cursor were trimmed before they were read
+
+
+def _stream_id(value: str | bytes) -> tuple[int, int]:
+    """A stream entry id ``"<ms>-<seq>"`` → (ms, seq), for ordering."""
+    text = value.decode() if isinstance(value, bytes) else value
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
 
 
 @dataclass(slots=True)
@@ -206,12 +235,17 @@ async def _execute_reads(pipe: Pipeline) -> list[Any]:
 class MemoryStore:
     """Chunks, vectors and outages of every camera in one Redis (or Redis Cluster)."""
 
-    def __init__(self, redis: Redis, *, key_prefix: str, buffer_chunks: int = 512) -> None:
+    def __init__(
+        self, redis: Redis, *, key_prefix: str, buffer_chunks: int = 512, added_log_len: int = ADDED_LOG_LEN
+    ) -> None:
         if buffer_chunks < 1:
             raise ValueError(f"buffer_chunks must be >= 1, got {buffer_chunks}")
+        if added_log_len < 1:
+            raise ValueError(f"added_log_len must be >= 1, got {added_log_len}")
         self._redis = redis
         self.keys = RedisKeys(key_prefix)
         self._buffer_max = buffer_chunks
+        self._added_log_len = added_log_len
         self._pending: deque[_Pending] = deque()
         self._flush_lock = asyncio.Lock()
         self._away = False
@@ -269,6 +303,14 @@ class MemoryStore:
                     mapping={"meta": meta.to_json(), "payload": item.payload, "vec": item.vector},
                 )
                 pipe.zadd(self.keys.timeline(meta.camera), {str(meta.chunk_id): _ms(meta.start_s)})
+                # Exact trimming: one entry out per entry in, and the bound a reader's gap check
+                # relies on is the one configured.
+                pipe.xadd(
+                    self.keys.added(meta.camera),
+                    {"chunk": str(meta.chunk_id), "start_ms": _ms(meta.start_s)},
+                    maxlen=self._added_log_len,
+                    approximate=False,
+                )
                 await pipe.execute()
         else:
             rec = item.record
@@ -358,6 +400,84 @@ class MemoryStore:
         """Names of cameras with stored chunks or outages, sorted."""
         names = await self._redis.smembers(self.keys.cameras())
         return sorted(n.decode() if isinstance(n, bytes) else n for n in names)
+
+    async def added_cursors(self) -> dict[str, str]:
+        """Per camera with memory, the id of the newest ``added`` entry (``STREAM_START``: none).
+
+        Taken before a catch-up, these let ``read_added`` return every chunk written since, so
+        nothing written while the catch-up runs is missed (re-reading one is harmless).
+        """
+        cameras = await self.cameras()
+        if not cameras:
+            return {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for camera in cameras:
+                pipe.xrevrange(self.keys.added(camera), count=1)
+            rows = await _execute_reads(pipe)
+        return {
+            camera: (row[0][0].decode() if isinstance(row[0][0], bytes) else row[0][0]) if row else STREAM_START
+            for camera, row in zip(cameras, rows, strict=True)
+        }
+
+    async def read_added(self, cursors: Mapping[str, str], count: int = BATCH_IDS) -> list[AddedRead]:
+        """Chunk writes logged after each camera's cursor, at most ``count`` per camera.
+
+        Every camera with memory is read; one missing from ``cursors`` (new since they were taken)
+        from the start of its log. One read per camera in a pipeline rather than a multi-key
+        XREAD, which Redis Cluster refuses across slots.
+        """
+        cameras = await self.cameras()
+        if not cameras:
+            return []
+        starts = {camera: cursors.get(camera, STREAM_START) for camera in cameras}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for camera in cameras:
+                pipe.xread({self.keys.added(camera): starts[camera]}, count=count)
+            rows = await _execute_reads(pipe)
+        entries: dict[str, list[tuple[bytes, dict[bytes, bytes]]]] = {}
+        for camera, row in zip(cameras, rows, strict=True):
+            # XREAD answers [[key, [(id, fields), ...]]], or nothing when no entry is new.
+            entries[camera] = list(row[0][1]) if row else []
+        fresh = [camera for camera in cameras if entries[camera]]
+        gaps = await self._added_gaps(fresh, starts) if fresh else {}
+        reads: list[AddedRead] = []
+        for camera in cameras:
+            got = entries[camera]
+            ids: list[int] = []
+            for _, fields in got:
+                raw = fields.get(b"chunk")
+                if raw is None or not raw.isdigit():
+                    logger.warning("camera %s: added log entry without a chunk id skipped", camera)
+                    continue
+                ids.append(int(raw))
+            cursor = got[-1][0].decode() if got else starts[camera]
+            reads.append(AddedRead(camera, ids, cursor, len(got) >= count, gaps.get(camera, False)))
+        return reads
+
+    async def _added_gaps(self, cameras: list[str], starts: Mapping[str, str]) -> dict[str, bool]:
+        """Whether entries after each camera's cursor were trimmed away before they were read."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for camera in cameras:
+                pipe.xinfo_stream(self.keys.added(camera))
+            rows = await _execute_reads(pipe)
+        gaps: dict[str, bool] = {}
+        for camera, info in zip(cameras, rows, strict=True):
+            first = info.get("first-entry") if info else None
+            if not first:
+                continue
+            cursor = _stream_id(starts[camera])
+            if cursor == (0, 0):
+                # Read from the start: a gap when anything was ever trimmed (Redis >= 7.0 counts
+                # entries added; older ones only tell that the log is at its cap).
+                added = info.get("entries-added")
+                length = int(info.get("length", 0))
+                gaps[camera] = int(added) > length if added is not None else length >= self._added_log_len
+            else:
+                # Trimming (unlike XDEL) leaves no record of what it removed; the oldest entry
+                # left being newer than the last one read is the sign. It errs towards a
+                # catch-up: when exactly the cursor's own entry went, nothing was lost.
+                gaps[camera] = _stream_id(first[0]) > cursor
+        return gaps
 
     async def get_chunks(self, refs: Sequence[tuple[str, int]]) -> list[tuple[ChunkMeta, bytes]]:
         """Metadata and payload of each (camera, chunk_id), in the given order; missing ones skipped."""

@@ -93,10 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config", help="path of the YAML config")
     check.set_defaults(func=_cmd_check_config)
 
-    imp = sub.add_parser("import", help="ingest a recorded file into memory as fast as possible")
-    imp.add_argument("file", help="video file")
+    imp = sub.add_parser("import", help="ingest recorded files into memory as fast as possible")
+    imp.add_argument(
+        "paths", nargs="+", metavar="PATH", help="video file, or folder of segments (imported in time order)"
+    )
     imp.add_argument("--camera", required=True, help="camera name the footage belongs to")
-    imp.add_argument("--start", help="wall-clock time of the first frame (ISO 8601)")
+    imp.add_argument(
+        "--start",
+        help="wall-clock time of the first frame (ISO 8601; a single file only: otherwise each "
+        "file's creation_time or the time in its name)",
+    )
     imp.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
     imp.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
     imp.set_defaults(func=_lazy("streamer.importer:cli_import"))

@@ -212,7 +212,13 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
         maintenance = Maintenance(
             res.store, res.index, {name: cam.retention_days for name, cam in settings.cameras.items()}
         )
-        api = MqttApi(settings.mqtt, tz=tz, cameras=list(settings.cameras), answer=answerer.answer)
+        configured = set(settings.cameras)
+
+        def known_cameras() -> list[str]:
+            # A camera that exists only through `vigil import` can be named in questions too.
+            return sorted(configured | set(res.index.index.cameras()))
+
+        api = MqttApi(settings.mqtt, tz=tz, cameras=known_cameras, answer=answerer.answer)
 
         cameras = {name: cam for name, cam in settings.cameras.items() if cam.enabled}
         queues: dict[str, asyncio.Queue[Chunk | None]] = {
@@ -255,6 +261,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
             spawn(notifier.run_watchdog(background_stop), "watchdog")
             spawn(maintenance.run(background_stop), "maintenance")
             spawn(res.store.run_retry_loop(background_stop), "store:retry")
+            spawn(res.index.follow(res.store, background_stop), "index:follow")
             camera_tasks = [spawn(w.run(cameras_stop), f"camera:{w.name}") for w in workers]
             feed_tasks = [spawn(_feed(queues[name], ingest), f"ingest:{name}") for name in cameras]
             spawn(reporter.run(background_stop), "status")

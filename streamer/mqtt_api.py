@@ -210,7 +210,7 @@ class MqttApi:
         settings: MqttSettings,
         *,
         tz: ZoneInfo,
-        cameras: Sequence[str],
+        cameras: Sequence[str] | Callable[[], Sequence[str]],
         answer: AnswerFn,
         session_expiry_s: int = SESSION_EXPIRY_S,
         outbox_size: int = OUTBOX_SIZE,
@@ -218,7 +218,14 @@ class MqttApi:
     ) -> None:
         self._settings = settings
         self._tz = tz
-        self._cameras = list(cameras)
+        # The names a question may use: a fixed list, or a provider asked per request (the daemon
+        # adds cameras that have memory only through `vigil import`).
+        self._cameras: Callable[[], Sequence[str]]
+        if callable(cameras):
+            self._cameras = cameras
+        else:
+            names = list(cameras)
+            self._cameras = lambda: names
         self._answer = answer
         self._drain_timeout_s = drain_timeout_s
         self.topics = Topics(settings.topic_prefix)
@@ -578,7 +585,7 @@ class MqttApi:
             if request.error is not None:
                 raise request.error
             assert request.ask is not None
-            question = to_question(request.ask, tz=self._tz, cameras=self._cameras)
+            question = to_question(request.ask, tz=self._tz, cameras=self._cameras())
             if self._stopping:
                 raise RequestError("shutdown", "vigil is stopping; ask again when it is back online")
             if len(self._jobs) >= self._settings.max_in_flight:

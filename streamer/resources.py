@@ -6,6 +6,11 @@ exit, in reverse: the encoder finishes what is queued, buffered Redis writes get
 last try, the index is saved, Redis is closed. The exit runs whatever ended the block (a clean
 stop, an unexpected exception, a cancellation), so the index file is always saved.
 
+The index file belongs to the daemon. ``vigil import`` opens the resources with
+``owns_index=False``: it writes Redis only, and the index stays in memory, never loaded, caught up
+or saved. A running daemon's index follows what an import stores (``IndexFile.follow``); a
+daemon started later catches up from Redis.
+
 The services are built from these by whoever composes them (``vigil serve`` in
 streamer/daemon.py, ``vigil import`` in streamer/importer.py); nothing here ingests or answers.
 """
@@ -17,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -26,7 +31,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from memory.index import VectorIndex
-from memory.store import SHUTDOWN_FLUSH_S, MemoryStore
+from memory.store import REDIS_AWAY_ERRORS, SHUTDOWN_FLUSH_S, MemoryStore
 from streamer.settings import Settings
 from vlm.embedder import Embedder, load_embedder
 from vlm.encoding import BatchEncoder
@@ -40,6 +45,12 @@ REDIS_RETRY_CAP_S = 1.0
 # saves there, and the cores are better left to the encoder and generation threads
 # (docs/storage.md: 12x slower p50 at 10k vectors with 2 threads on a busy 2-core machine).
 FAISS_THREADS = 1
+# How often a daemon's index looks for chunks other processes (vigil import) stored: imported
+# memory is searchable this long after it reached Redis; each look is one small read per camera.
+FOLLOW_INTERVAL_S = 1.0
+# The last look at stop (so the index saved at exit holds what was stored until then) gets this
+# long; what it misses the next start's catch-up adds.
+FINAL_FOLLOW_S = 5.0
 
 
 @dataclass
@@ -53,6 +64,8 @@ class IndexFile:
     index: VectorIndex
     path: Path
     dirty: bool = False
+    # Camera → id of the last ``added`` log entry the index has seen (MemoryStore.read_added).
+    cursors: dict[str, str] = field(default_factory=dict)
 
     def save(self) -> None:
         """Write the index now (blocking: FAISS and file I/O; call it in a thread from the loop)."""
@@ -70,6 +83,38 @@ class IndexFile:
             return False
         await asyncio.to_thread(self.save)
         return True
+
+    async def follow(self, store: MemoryStore, stop: asyncio.Event, interval_s: float = FOLLOW_INTERVAL_S) -> None:
+        """Until ``stop``: every ``interval_s``, add the chunks other processes stored (the daemon task
+        ``index:follow``); then one last bounded look. Redis being away is waited out; anything else
+        propagates."""
+        away = False
+        followed = 0  # chunks added in the current run of additions, logged when it ends
+        while not stop.is_set():
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for turns a cancellation that
+            # lands in the tick its timeout fires into TimeoutError, and this loop would never end
+            # (python/cpython#86296; seen when a task on the same 1-s beat failed).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval_s):
+                    await stop.wait()
+            try:
+                async with asyncio.timeout(FINAL_FOLLOW_S if stop.is_set() else None):
+                    added = await self.index.follow(store, self.cursors)
+            except (*REDIS_AWAY_ERRORS, TimeoutError) as exc:
+                if not away and not stop.is_set():
+                    logger.warning("index cannot follow Redis (%s: %s); retrying", type(exc).__name__, exc)
+                away = True
+                continue
+            if away:
+                logger.info("index follows Redis again")
+                away = False
+            if added:
+                self.dirty = True
+                followed += added
+                logger.debug("index: %d chunks stored elsewhere added", added)
+            if followed and (not added or stop.is_set()):
+                logger.info("index: %d chunks stored by another process (vigil import) added", followed)
+                followed = 0
 
 
 @dataclass(frozen=True)
@@ -102,11 +147,13 @@ def redis_client(settings: Settings) -> aioredis.Redis:
 
 
 @contextlib.asynccontextmanager
-async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
+async def open_resources(settings: Settings, *, owns_index: bool = True) -> AsyncIterator[Resources]:
     """Load the models, connect Redis, load and catch up the index, start the encoder.
 
-    Raises what the model loaders raise (``ModelNotFoundError`` with advice) and Redis's
-    ``ConnectionError`` when Redis cannot be reached at start.
+    ``owns_index=False`` (``vigil import``): the index is a fresh in-memory one, never read from
+    or written to the index file, which a running daemon may own. Raises what the model loaders
+    raise (``ModelNotFoundError`` with advice) and Redis's ``ConnectionError`` when Redis cannot
+    be reached at start.
     """
     models = settings.models
     faiss.omp_set_num_threads(FAISS_THREADS)
@@ -123,10 +170,17 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
             client, key_prefix=settings.redis.key_prefix, buffer_chunks=settings.redis.write_buffer_chunks
         )
         path = index_path_for(settings)
-        index = IndexFile(await asyncio.to_thread(VectorIndex.load_or_new, path, embedder.dim), path)
-        added, removed = await index.index.catch_up(store)
-        index.dirty = bool(added or removed)
-        logger.info("index at %s: %d chunks (%d added from Redis, %d removed)", path, len(index.index), added, removed)
+        if owns_index:
+            index = IndexFile(await asyncio.to_thread(VectorIndex.load_or_new, path, embedder.dim), path)
+            # Before the catch-up: what is written while it runs is then read again by follow().
+            index.cursors = await store.added_cursors()
+            added, removed = await index.index.catch_up(store)
+            index.dirty = bool(added or removed)
+            logger.info(
+                "index at %s: %d chunks (%d added from Redis, %d removed)", path, len(index.index), added, removed
+            )
+        else:
+            index = IndexFile(VectorIndex(embedder.dim), path)
         try:
             async with BatchEncoder(
                 vlm, embedder, max_batch_frames=models.encode_batch_frames, max_wait_ms=models.encode_max_wait_ms
@@ -134,8 +188,9 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
                 yield Resources(vlm, embedder, client, store, index, encoder)
         finally:
             await _flush_writes(store)
-            await asyncio.to_thread(index.save)
-            logger.info("index saved: %d chunks at %s", len(index.index), path)
+            if owns_index:
+                await asyncio.to_thread(index.save)
+                logger.info("index saved: %d chunks at %s", len(index.index), path)
     finally:
         await client.aclose()
 

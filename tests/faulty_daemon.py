@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from memory.index import VectorIndex
 from memory.store import MemoryStore
 from streamer.cli import main
 from streamer.frames import ChunkBuilder
@@ -32,6 +33,7 @@ FAULTS: dict[str, tuple[type, str, bool]] = {
     "watchdog": (Notifier, "watchdog", True),  # a WATCHDOG=1 ping
     "maintenance": (MemoryStore, "apply_retention", False),  # retention runs first thing
     "store:retry": (MemoryStore, "run_retry_loop", True),
+    "index:follow": (VectorIndex, "follow", True),  # a look for chunks other processes stored
     "camera:lot": (ChunkBuilder, "add", True),  # a sampled frame joins its chunk
     "ingest:lot": (IngestService, "_compress", True),  # a chunk is compressed (on a worker thread)
     "status": (IngestService, "failing", True),  # health is assessed

@@ -144,7 +144,7 @@ async def test_import_then_serve_answers_over_mqtt_on_the_real_shape(
     config_path = tmp_path / "vigil.yaml"
     config_path.write_text(yaml.safe_dump(config))
     args = argparse.Namespace(
-        file=str(CLIP), camera="lot", start="2026-05-01T14:30:00Z", config=str(config_path), no_progress=True
+        paths=[str(CLIP)], camera="lot", start="2026-05-01T14:30:00Z", config=str(config_path), no_progress=True
     )
     assert await asyncio.to_thread(cli_import, args) == 0
 

@@ -125,7 +125,7 @@ async def test_keys_carry_camera_hash_tag_and_share_a_slot(redis_client, prefix)
         await _put_series(store, camera, 3)
         await store.put_outage(Outage(camera, T0 - 50, T0 - 10, "stream ended"))
     keys = [k.decode() async for k in redis_client.scan_iter(match=f"{prefix}*")]
-    assert len(keys) == 1 + 3 * (1 + 3 + 1)  # cameras set + per camera: timeline, chunks, outages
+    assert len(keys) == 1 + 3 * (1 + 3 + 1 + 1)  # cameras set + per camera: timeline, chunks, outages, added log
     slots: dict[str, set[int]] = {}
     for key in keys:
         if key == store.keys.cameras():
@@ -277,3 +277,64 @@ async def test_buffer_overflow_drops_oldest_and_retry_loop_flushes(private_redis
     finally:
         stop.set()
         await client.aclose()
+
+
+async def test_index_follows_chunks_another_process_stores(redis_client, redis_url, prefix) -> None:
+    """A daemon's index (cursors taken before its catch-up) picks up what a second writer
+    (`vigil import`, its own client) stores afterwards; its own chunks are skipped, repeats too."""
+    daemon = MemoryStore(redis_client, key_prefix=prefix)
+    own = await _put_series(daemon, "front", 3)
+    index = VectorIndex(DIM)
+    cursors = await daemon.added_cursors()
+    assert set(cursors) == {"front"}
+    await index.catch_up(daemon)
+    assert await index.follow(daemon, cursors) == 0  # nothing new since the catch-up
+
+    importer_client = _client(redis_url)
+    try:
+        importer = MemoryStore(importer_client, key_prefix=prefix)
+        imported = await _put_series(importer, "yard", 4, t0=T0 - 3600)  # a camera new to the daemon
+        later = await _put_series(importer, "front", 2, t0=T0 + 100 * CHUNK_S)
+        await importer.put_chunk(imported[0], _payload(imported[0]), _vec(0))  # a re-import of one chunk
+    finally:
+        await importer_client.aclose()
+    # The daemon ingests one chunk itself: it is indexed already and must not be read back.
+    mine = _meta("front", T0 + 200 * CHUNK_S)
+    await daemon.put_chunk(mine, _payload(mine), _vec(99))
+    index.add(mine, _vec(99))
+
+    assert await index.follow(daemon, cursors) == len(imported) + len(later)
+    assert index.ids("yard") == {m.chunk_id for m in imported}
+    assert index.ids("front") == {m.chunk_id for m in own + later} | {mine.chunk_id}
+    for i, meta in enumerate(imported):  # the stored retrieval vector is what gets indexed
+        [hit] = index.search(_vec(i), 1, cameras={"yard"}, after_s=meta.start_s, before_s=meta.end_s)
+        assert hit.chunk_id == meta.chunk_id
+        assert hit.score == pytest.approx(float(_vec(i) @ _vec(i)), rel=1e-5)
+    assert await index.follow(daemon, cursors) == 0  # idempotent: the cursors moved past them
+
+
+async def test_follow_catches_up_when_the_added_log_was_trimmed_past_its_cursor(
+    redis_client, prefix, caplog
+) -> None:
+    store = MemoryStore(redis_client, key_prefix=prefix, added_log_len=5)
+    await _put_series(store, "front", 3)
+    index = VectorIndex(DIM)
+    cursors = await store.added_cursors()
+    await index.catch_up(store)
+    metas = await _put_series(store, "front", 12, t0=T0 + 1000.0)  # 12 > 5: the log lost 7 of them
+    assert await redis_client.xlen(store.keys.added("front")) == 5
+    with caplog.at_level("WARNING", logger="memory.index"):
+        assert await index.follow(store, cursors) == 12
+    assert "fell behind the added log of front" in caplog.text
+    assert {m.chunk_id for m in metas} <= index.ids("front")
+    assert len(index) == 15
+    # A camera the cursors never saw, whose log was already trimmed, is caught up too.
+    await _put_series(store, "gate", 7)
+    assert await index.follow(store, cursors) == 7
+    assert len(index.ids("gate")) == 7
+    # Within the bound, no catch-up: only the log is read.
+    caplog.clear()
+    await _put_series(store, "gate", 2, t0=T0 + 5000.0)
+    with caplog.at_level("WARNING", logger="memory.index"):
+        assert await index.follow(store, cursors) == 2
+    assert "fell behind" not in caplog.text
