@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from memory.aio import wait_set
 from memory.index import VectorIndex
 from memory.store import REDIS_AWAY_ERRORS, SHUTDOWN_FLUSH_S, MemoryStore
 from streamer.settings import Settings
@@ -91,12 +92,7 @@ class IndexFile:
         away = False
         followed = 0  # chunks added in the current run of additions, logged when it ends
         while not stop.is_set():
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for turns a cancellation that
-            # lands in the tick its timeout fires into TimeoutError, and this loop would never end
-            # (python/cpython#86296; seen when a task on the same 1-s beat failed).
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval_s):
-                    await stop.wait()
+            await wait_set(stop, interval_s)
             try:
                 async with asyncio.timeout(FINAL_FOLLOW_S if stop.is_set() else None):
                     added = await self.index.follow(store, self.cursors)
