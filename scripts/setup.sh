@@ -24,6 +24,7 @@ APT_PACKAGES=(
     redis-server mosquitto mosquitto-clients ffmpeg
     python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp gstreamer1.0-tools
     gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav
+    prometheus  # promtool, for the /metrics test (tests/test_metrics.py)
 )
 
 install_apt() {
