@@ -64,9 +64,10 @@ def daemon_config(
             "encode_max_wait_ms": 5.0,
         },
         "retrieval": {"top_k": 4},
+        # A port of its own: test daemons (and a vigil running on this machine) never share 9464.
+        "metrics": {"port": free_port()},
         "cameras": cameras,
     }
-
 
 def rtsp_camera(url: str) -> dict[str, Any]:
     return {"url": url, "sample_fps": 2.0, "chunk_s": 3.0, "stall_timeout_s": 5.0, "reconnect_max_s": 2.0}
