@@ -69,6 +69,7 @@ def daemon_config(
         "cameras": cameras,
     }
 
+
 def rtsp_camera(url: str) -> dict[str, Any]:
     return {"url": url, "sample_fps": 2.0, "chunk_s": 3.0, "stall_timeout_s": 5.0, "reconnect_max_s": 2.0}
 
