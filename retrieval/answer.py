@@ -191,7 +191,9 @@ class Answerer:
         after_s, before_s, phrase = question.after_s, question.before_s, None
         # An explicit after/before wins; without either, the question's own time words set the window.
         if after_s is None and before_s is None:
-            read = read_window(question.text, now_s=time.time(), tz=self._tz)
+            # Off the loop: dateparser takes milliseconds a phrase (more on the first call, which
+            # loads its language data), and MQTT and the cameras' ingest must not wait on it.
+            read = await asyncio.to_thread(read_window, question.text, now_s=time.time(), tz=self._tz)
             if read is not None:
                 after_s, before_s, phrase = read.after_s, read.before_s, read.phrase
         retrieved = await self._retriever.retrieve(
