@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what vigil and its tests need on Debian/Ubuntu and starts the services they talk to.
 # Safe to run twice: every step checks first and does nothing when its work is already done.
-#   - Debian packages: redis-server, mosquitto, ffmpeg, GStreamer's RTSP server (for the tests)
+#   - Debian packages: redis-server, mosquitto, ffmpeg, GStreamer's RTSP server and promtool (for the tests)
 #   - .venv with exactly the Python packages of requirements.lock (PyTorch: the locked version, the
 #     CPU build here, the CUDA build where the registry gives one) and vigil in editable mode
 #   - redis-server on 127.0.0.1:6379 and mosquitto on 127.0.0.1:1883, started only when not listening
