@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 from memory.outage import Outage
 from retrieval.prompt import StaleCamera, build_prompt
 from retrieval.search import Retriever
+from retrieval.timephrases import read_window
 
 if TYPE_CHECKING:
     from vlm.types import PromptPart
@@ -85,6 +86,7 @@ class Answer:
     offline: list[Outage] = field(default_factory=list)  # outages of the selected cameras in the window
     about_now: bool = False
     latest: list[Latest] = field(default_factory=list)
+    window_phrase: str | None = None  # the question's words the window was read from (retrieval/timephrases.py)
 
     @property
     def fresh(self) -> bool | None:
@@ -186,11 +188,19 @@ class Answerer:
         """Answer one question; ``on_delta`` receives text pieces as they are generated."""
         timing: dict[str, float] = {}
         started = time.perf_counter()
+        after_s, before_s, phrase = question.after_s, question.before_s, None
+        # An explicit after/before wins; without either, the question's own time words set the window.
+        if after_s is None and before_s is None:
+            # Off the loop: dateparser takes milliseconds a phrase (more on the first call, which
+            # loads its language data), and MQTT and the cameras' ingest must not wait on it.
+            read = await asyncio.to_thread(read_window, question.text, now_s=time.time(), tz=self._tz)
+            if read is not None:
+                after_s, before_s, phrase = read.after_s, read.before_s, read.phrase
         retrieved = await self._retriever.retrieve(
             question.text,
             cameras=question.cameras,
-            after_s=question.after_s,
-            before_s=question.before_s,
+            after_s=after_s,
+            before_s=before_s,
             top_k=question.top_k,
         )
         timing["retrieve"] = (time.perf_counter() - started) * 1000.0
@@ -229,6 +239,7 @@ class Answerer:
             offline=list(retrieved.outages),
             about_now=retrieved.about_now,
             latest=latest,
+            window_phrase=phrase,
         )
 
     async def _generate(self, parts: list[PromptPart]) -> AsyncIterator[str]:

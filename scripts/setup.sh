@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what vigil and its tests need on Debian/Ubuntu and starts the services they talk to.
 # Safe to run twice: every step checks first and does nothing when its work is already done.
-#   - Debian packages: redis-server, mosquitto, ffmpeg, GStreamer's RTSP server (for the tests)
+#   - Debian packages: redis-server, mosquitto, ffmpeg, GStreamer's RTSP server and promtool (for the tests)
 #   - .venv with exactly the Python packages of requirements.lock (PyTorch: the locked version, the
 #     CPU build here, the CUDA build where the registry gives one) and vigil in editable mode
 #   - redis-server on 127.0.0.1:6379 and mosquitto on 127.0.0.1:1883, started only when not listening
@@ -24,6 +24,7 @@ APT_PACKAGES=(
     redis-server mosquitto mosquitto-clients ffmpeg
     python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp gstreamer1.0-tools
     gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav
+    prometheus  # promtool, for the /metrics test (tests/test_metrics.py)
 )
 
 install_apt() {

@@ -223,6 +223,11 @@ class CameraWorker:
             error=self._error,
         )
 
+    def frame_totals(self) -> tuple[int, int]:
+        """(decoded, sampled) frames since start, over every session (streamer/metrics.py)."""
+        decoded, sampled, _ = self._counters()
+        return decoded, sampled
+
     async def run(self, stop: asyncio.Event) -> None:
         """Ingest until ``stop`` is set (or a file ends, or the source fails for good)."""
         try:

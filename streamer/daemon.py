@@ -45,6 +45,7 @@ from streamer.frames import Chunk
 from streamer.health import Health, assess, status_payload
 from streamer.ingest import IngestService
 from streamer.maintenance import Maintenance
+from streamer.metrics import DaemonCollector, Metrics, MetricsServer
 from streamer.mqtt_api import MqttApi
 from streamer.notify import Notifier
 from streamer.redact import redact_url
@@ -124,12 +125,13 @@ class StatusReporter:
             await self.publish_camera(worker.status())
         await self.publish_status()
 
-    async def publish_status(self) -> None:
+    def status_body(self) -> dict[str, Any]:
+        """The JSON of ``{prefix}/status`` (and of ``/healthz``), with the health as last assessed."""
         s = self._ingest.stats
-        payload = status_payload(
-            self._health, s, self._store.stats, self._store.pending, now_s=time.time(), tz=self._tz
-        )
-        await self._api.publish_status(payload)
+        return status_payload(self._health, s, self._store.stats, self._store.pending, now_s=time.time(), tz=self._tz)
+
+    async def publish_status(self) -> None:
+        await self._api.publish_status(self.status_body())
 
     def notify_systemd(self, *, ready: bool = False) -> None:
         text = self.systemd_status()
@@ -207,7 +209,14 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
             fresh_within_s=max([FRESH_WITHIN_S, *(3 * cam.chunk_s for cam in settings.cameras.values())]),
         )
         stack.callback(answerer.close)
-        ingest = IngestService(encoder=res.encoder, store=res.store, index=res.index, compression=settings.compression)
+        metrics = Metrics()
+        ingest = IngestService(
+            encoder=res.encoder,
+            store=res.store,
+            index=res.index,
+            compression=settings.compression,
+            on_timing=metrics.on_timing,
+        )
         stack.callback(ingest.log_summary)
         maintenance = Maintenance(
             res.store, res.index, {name: cam.retention_days for name, cam in settings.cameras.items()}
@@ -218,7 +227,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
             # A camera that exists only through `vigil import` can be named in questions too.
             return sorted(configured | set(res.index.index.cameras()))
 
-        api = MqttApi(settings.mqtt, tz=tz, cameras=known_cameras, answer=answerer.answer)
+        api = MqttApi(settings.mqtt, tz=tz, cameras=known_cameras, answer=metrics.timed(answerer.answer))
 
         cameras = {name: cam for name, cam in settings.cameras.items() if cam.enabled}
         queues: dict[str, asyncio.Queue[Chunk | None]] = {
@@ -240,6 +249,15 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
                     on_state=reporter.publish_camera,
                 )
             )
+        metrics.collect_from(
+            DaemonCollector(
+                workers=workers,
+                ingest=ingest,
+                store=res.store,
+                api=api,
+                healthy=lambda: reporter.health().state == "ok",
+            )
+        )
         # Before the API connects: these replace, first thing, what a crashed run left retained.
         for worker in workers:
             await reporter.publish_camera(dataclasses.replace(worker.status(), state="connecting"))
@@ -248,7 +266,6 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
         api_stop, api_ready = asyncio.Event(), asyncio.Event()
         cameras_stop, background_stop = asyncio.Event(), asyncio.Event()
         async with asyncio.TaskGroup() as tg:
-
             names: list[str] = []
 
             def spawn(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -265,6 +282,9 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
             camera_tasks = [spawn(w.run(cameras_stop), f"camera:{w.name}") for w in workers]
             feed_tasks = [spawn(_feed(queues[name], ingest), f"ingest:{name}") for name in cameras]
             spawn(reporter.run(background_stop), "status")
+            if settings.metrics.enabled:
+                server = MetricsServer(settings.metrics, metrics, reporter.status_body)
+                spawn(server.run(background_stop), "metrics")
             logger.info("tasks: %s", ", ".join(names))
             await _announce_ready(api_ready, stop, reporter)
 
@@ -310,9 +330,7 @@ async def serve(settings: Settings) -> int:
         logger.error("%s", exc)
         return 1
     except redis.exceptions.ConnectionError as exc:
-        logger.error(
-            "Redis at %s is unreachable (%s): start it, or fix redis.url", redact_url(settings.redis.url), exc
-        )
+        logger.error("Redis at %s is unreachable (%s): start it, or fix redis.url", redact_url(settings.redis.url), exc)
         return 1
     return 0
 

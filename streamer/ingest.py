@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,6 +63,9 @@ class _CameraMemory:
     random: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     failures_in_a_row: int = 0
     last_error: str | None = None
+    chunks: int = 0  # stored (or buffered for Redis)
+    failed_chunks: int = 0
+    frames: int = 0  # sampled frames of the stored chunks
 
 
 @dataclass
@@ -79,6 +84,20 @@ class IngestStats:
     def frames_skipped(self) -> int:
         """Sampled frames that reused an earlier encoding instead of going through the encoder."""
         return self.frames - self.frames_encoded
+
+
+@dataclass(frozen=True, slots=True)
+class CameraCounts:
+    """One camera's ingest counters since start (streamer/metrics.py exports them)."""
+
+    chunks: int
+    failed_chunks: int
+    frames: int
+
+
+# (stage, camera, seconds) for each timed step of a chunk: "encode" (waiting for and running the
+# batch encoder), "compress" (compression and serialisation). The daemon feeds streamer/metrics.py.
+TimingHook = Callable[[str, str, float], None]
 
 
 def frame_spans(times_s: np.ndarray, end_s: float) -> tuple[np.ndarray, np.ndarray]:
@@ -110,8 +129,10 @@ class IngestService:
         store: MemoryStore,
         index: IndexFile,
         compression: CompressionSettings,
+        on_timing: TimingHook | None = None,
     ) -> None:
         self._encoder = encoder
+        self._on_timing = on_timing
         self._store = store
         self._index = index
         self._compression = compression
@@ -137,6 +158,7 @@ class IngestService:
             meta = await self._ingest(chunk, mem)
         except CHUNK_ERRORS as exc:
             self.stats.failed_chunks += 1
+            mem.failed_chunks += 1
             mem.failures_in_a_row += 1
             mem.last_error = f"{type(exc).__name__}: {exc}"
             logger.warning(
@@ -148,6 +170,17 @@ class IngestService:
             logger.info("camera %s: chunks stored again after %d failed", chunk.camera, mem.failures_in_a_row)
         mem.failures_in_a_row = 0
         return meta
+
+    def camera_counts(self) -> dict[str, CameraCounts]:
+        """Camera → its counters, for every camera that sent a chunk."""
+        return {
+            camera: CameraCounts(mem.chunks, mem.failed_chunks, mem.frames)
+            for camera, mem in sorted(self._cameras.items())
+        }
+
+    def _timed(self, stage: str, camera: str, started: float) -> None:
+        if self._on_timing is not None:
+            self._on_timing(stage, camera, time.perf_counter() - started)
 
     def failing(self) -> dict[str, str]:
         """Cameras whose last ``FAILING_AFTER_CHUNKS`` or more chunks all failed → why (the last error)."""
@@ -177,13 +210,17 @@ class IngestService:
         t_start_all, t_end_all = frame_spans(times, chunk.end_s)
 
         first, last, encode, reuse_first = self._plan(mem, images)
+        started = time.perf_counter()
         tokens, global_feats, embeddings = await self._encode(mem, images, encode, reuse_first)
+        if encode:  # a chunk of reused encodings did not use the encoder
+            self._timed("encode", chunk.camera, started)
         weight = np.array([b - a + 1 for a, b in zip(first, last, strict=True)], dtype=np.int64)
         t_start = torch.from_numpy(t_start_all[list(first)])  # [T', ] float64
         t_end = torch.from_numpy(t_end_all[list(last)])
         # Compression and serialisation are pure CPU work (tens of ms per chunk with real token
         # shapes): off the event loop, so MQTT and the other cameras never wait on them. Chunks of
         # one camera are ingested one at a time, so its state is never touched concurrently.
+        started = time.perf_counter()
         compressed, payload = await asyncio.to_thread(
             self._compress,
             mem,
@@ -193,6 +230,7 @@ class IngestService:
             t_end=t_end,
             weight=torch.from_numpy(weight),
         )
+        self._timed("compress", chunk.camera, started)
         vector = chunk_vector(embeddings, weight)
         meta = ChunkMeta.create(
             chunk.camera,
@@ -215,6 +253,8 @@ class IngestService:
         s.frames_encoded += len(encode)
         s.tokens_in += compressed.n_input
         s.tokens_kept += compressed.n_tokens
+        mem.chunks += 1
+        mem.frames += len(chunk.frames)
         logger.debug(
             "camera %s: chunk %d stored, %d frames (%d encoded), %d → %d tokens",
             chunk.camera, chunk.seq, len(chunk.frames), len(encode), compressed.n_input, compressed.n_tokens,

@@ -160,6 +160,7 @@ def answer_payload(answer: Answer, tz: ZoneInfo) -> dict[str, Any]:
         "window": {
             "after": None if answer.after_s is None else iso_time(answer.after_s, tz),
             "before": None if answer.before_s is None else iso_time(answer.before_s, tz),
+            "phrase": answer.window_phrase,
         },
         "offline": [
             {

@@ -336,6 +336,14 @@ class RetrievalSettings(_Strict):
     max_prompt_chunks: int = Field(default=12, ge=1, description="Cap on chunks placed in one prompt.")
 
 
+class MetricsSettings(_Strict):
+    """The Prometheus endpoint (``/metrics``) and ``/healthz`` (docs/metrics.md)."""
+
+    enabled: bool = Field(default=True, description="Serve /metrics and /healthz over HTTP.")
+    host: str = Field(default="127.0.0.1", description="Address to listen on; 0.0.0.0 exposes it to the network.")
+    port: int = Field(default=9464, ge=1, le=65535, description="TCP port (9464: the usual port of exporters).")
+
+
 class Settings(_Strict):
     """Everything vigil reads at start."""
 
@@ -347,6 +355,7 @@ class Settings(_Strict):
     models: ModelSettings = Field(default_factory=ModelSettings, description="Models.")
     compression: CompressionSettings = Field(default_factory=CompressionSettings, description="Token compression.")
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings, description="Question retrieval.")
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings, description="Prometheus metrics and health.")
     cameras: dict[CameraName, CameraSettings] = Field(
         default_factory=dict, description="Camera name -> source. Names: a-z, 0-9, '_' and '-'."
     )

@@ -24,6 +24,7 @@ from memory.store import MemoryStore
 from streamer.cli import main
 from streamer.frames import ChunkBuilder
 from streamer.ingest import IngestService
+from streamer.metrics import MetricsServer
 from streamer.mqtt_api import MqttApi
 from streamer.notify import Notifier
 
@@ -37,6 +38,7 @@ FAULTS: dict[str, tuple[type, str, bool]] = {
     "camera:lot": (ChunkBuilder, "add", True),  # a sampled frame joins its chunk
     "ingest:lot": (IngestService, "_compress", True),  # a chunk is compressed (on a worker thread)
     "status": (IngestService, "failing", True),  # health is assessed
+    "metrics": (MetricsServer, "run", True),  # /metrics and /healthz are served
 }
 
 

@@ -64,6 +64,8 @@ def daemon_config(
             "encode_max_wait_ms": 5.0,
         },
         "retrieval": {"top_k": 4},
+        # A port of its own: test daemons (and a vigil running on this machine) never share 9464.
+        "metrics": {"port": free_port()},
         "cameras": cameras,
     }
 

@@ -167,7 +167,7 @@ async def test_v5_request_is_answered_on_response_topic_with_correlation(broker,
             "score": 0.5,
         }
     ]
-    assert body["window"] == {"after": "2026-11-20T10:00:00.000+01:00", "before": None}
+    assert body["window"] == {"after": "2026-11-20T10:00:00.000+01:00", "before": None, "phrase": None}
     assert "total" in body["timing_ms"]
     assert api.counters["answered"] == 1
 
