@@ -97,12 +97,6 @@ class IndexFile:
                 async with asyncio.timeout(FINAL_FOLLOW_S if stop.is_set() else None):
                     added = await self.index.follow(store, self.cursors)
             except (*REDIS_AWAY_ERRORS, TimeoutError) as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # The TaskGroup cancelled us and the Redis client turned that cancellation into
-                    # one of these errors: going round again would wait on ``stop`` forever (the
-                    # cancellation is spent) and hang the daemon's exit.
-                    raise asyncio.CancelledError from exc
                 if not away and not stop.is_set():
                     logger.warning("index cannot follow Redis (%s: %s); retrying", type(exc).__name__, exc)
                 away = True
