@@ -24,6 +24,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
 from torch import Tensor
@@ -234,3 +235,24 @@ def consolidate(
     spans = torch.tensor([chunk_span(m) for m in members], dtype=torch.float64)  # [K, 2]
     sizes = torch.tensor([m.n_tokens for m in members], dtype=torch.int64)  # [K]
     return ConsolidatedChunk(chunk=chunk, member_spans=spans, member_tokens=sizes)
+
+
+def merge_vectors(vectors: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Retrieval vector of a consolidation: the members' vectors averaged by weight, re-normalised.
+
+    Args:
+        vectors: [K, D] float32 members' vectors (L2-normalised, as streamer/ingest.py writes them).
+        weights: [K] > 0, e.g. each member's duration, so a long member counts for its length.
+
+    Returns:
+        [D] float32 unit vector (the plain mean when the weighted mean is zero).
+    """
+    vecs = np.asarray(vectors, dtype=np.float64)  # [K, D]
+    w = np.asarray(weights, dtype=np.float64)  # [K]
+    if vecs.ndim != 2 or vecs.shape[0] == 0 or w.shape != (vecs.shape[0],):
+        raise ValueError(f"need vectors [K, D] and weights [K], got {vecs.shape} and {w.shape}")
+    if not (np.isfinite(vecs).all() and np.isfinite(w).all() and (w > 0).all()):
+        raise ValueError("vectors must be finite and weights finite and > 0")
+    mean = (vecs * w[:, None]).sum(axis=0) / w.sum()  # [D]
+    norm = float(np.linalg.norm(mean))
+    return (mean / norm if norm > 0 else vecs.mean(axis=0)).astype(np.float32)
