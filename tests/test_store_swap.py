@@ -115,6 +115,8 @@ async def test_sigkill_during_swaps_leaves_members_or_merge(redis_client, redis_
     store = MemoryStore(redis_client, key_prefix=prefix)
     for g in range(groups):
         await _put_group(store, g, payload=b"p" * PAYLOAD_BYTES)
+    index = VectorIndex(DIM)  # as a daemon's index stood before the writer began
+    await index.catch_up(store)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         str(WRITER),
@@ -154,6 +156,9 @@ async def test_sigkill_during_swaps_leaves_members_or_merge(redis_client, redis_
         assert {m.chunk_id for m, _ in hashes} == (member_ids if has_members else {merged_id})
         swapped += has_merge
     assert swapped >= done + 1  # at least the swaps it reported
+    # The index, caught up after the crash as at a restart, agrees with Redis.
+    await index.catch_up(store)
+    assert index.ids(CAMERA) == in_timeline
     # The rest can be finished: the swaps are idempotent.
     for g in range(groups):
         result = await store.swap_chunks(merged_meta(g), b"m" * 10, _vec(0), [m.chunk_id for m in member_metas(g)])
