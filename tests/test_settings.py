@@ -381,3 +381,15 @@ def test_a_camera_may_set_its_own_tiers() -> None:
     assert [(t.after, t.merge) for t in settings.tiers_for("gate")] == [(172800.0, 4)]
     assert settings.tiers_for("door") == settings.memory.tiers
     assert settings.tiers_for("yard") == []
+
+
+def test_memory_settings_from_the_environment() -> None:
+    env = {
+        "VIGIL_MEMORY__MAX_BYTES": "16GB",
+        "VIGIL_MEMORY__TIERS": "[{after: 2d, merge: 4, keep_ratio: 0.25}]",
+        "VIGIL_MEMORY__MAX_BYTES_PER_CAMERA": "",  # empty: no per-camera budget
+    }
+    memory = load_settings(None, environ=env).memory
+    assert memory.max_bytes == 16 * 10**9
+    assert memory.max_bytes_per_camera is None
+    assert [(t.after, t.merge, t.keep_ratio) for t in memory.tiers] == [(172800.0, 4, 0.25)]
