@@ -200,14 +200,15 @@ class Compactor:
 
     async def _merge(
         self, cam: _Camera, members: list[ChunkMeta], level: int, keep_ratio: float, report: CompactionReport
-    ) -> bool:
+    ) -> int:
+        """Consolidate ``members`` into tier ``level``; returns the bytes it freed (0 when not merged)."""
         ids = [m.chunk_id for m in members]
         stored = await self._store.get_chunks([(cam.name, i) for i in ids])
         vectors = await self._store.get_vectors(cam.name, ids)
         precision = _precision(members[0].codec)
         if len(stored) != len(ids) or len(vectors) != len(ids) or precision is None:
             report.skipped += 1
-            return False
+            return 0
         durations = np.array([m.end_s - m.start_s for m in members], dtype=np.float64)  # [K]
         try:
             payload, vector, n_tokens = await asyncio.to_thread(
@@ -222,7 +223,7 @@ class Compactor:
             # Damaged or mismatched members (another encoder): they stay as they are.
             logger.warning("camera %s: run from %.0f not consolidated: %s", cam.name, members[0].start_s, exc)
             report.skipped += 1
-            return False
+            return 0
         merged = ChunkMeta.create(
             cam.name,
             members[0].start_s,
@@ -237,25 +238,28 @@ class Compactor:
         result = await self._store.swap_chunks(merged, payload, vector, ids)
         if result == "refused":
             report.skipped += 1
-            return False
+            return 0
         if self._index is not None:
             self._index.index.remove(ids)
             self._index.index.add(merged, vector)
             self._index.dirty = True
         gone = set(ids)
         kept = [e for e in cam.entries if e.meta.chunk_id not in gone]
-        kept.append(_Entry(merged, len(merged.to_json()) + len(payload) + vector.nbytes))
+        freed = sum(e.size for e in cam.entries if e.meta.chunk_id in gone)
+        entry = _Entry(merged, len(merged.to_json()) + len(payload) + vector.nbytes)
+        kept.append(entry)
         kept.sort(key=lambda e: (e.meta.start_s, e.meta.tier))
         cam.entries = kept
         report.merged += 1
         report.absorbed += len(ids)
-        return True
+        return freed - entry.size
 
     async def _enforce(self, cameras: list[_Camera], limit: int, report: CompactionReport) -> None:
         """Consolidate the oldest runs, tier by tier, then delete the oldest chunks, until under ``limit``."""
         levels = max((len(c.tiers) for c in cameras), default=0)
+        total = sum(c.size for c in cameras)
         for level in range(1, levels + 1):
-            if sum(c.size for c in cameras) <= limit:
+            if total <= limit:
                 return
             candidates: list[tuple[float, _Camera, list[ChunkMeta], float]] = []
             for cam in cameras:
@@ -266,10 +270,11 @@ class Compactor:
                 for run in find_runs(metas, level, tier.merge, before_s=None, outages=cam.outages):
                     candidates.append((metas[run[0]].start_s, cam, [metas[p] for p in run], tier.keep_ratio))
             for _, cam, members, keep_ratio in sorted(candidates, key=lambda c: c[0]):
-                if sum(c.size for c in cameras) <= limit:
+                if total <= limit:
                     return
-                await self._merge(cam, members, level, keep_ratio, report)
-        over = sum(c.size for c in cameras) - limit
+                total -= await self._merge(cam, members, level, keep_ratio, report)
+            total = sum(c.size for c in cameras)  # exact again before the next tier
+        over = total - limit
         if over <= 0:
             return
         oldest = sorted(((e.meta.start_s, cam, e) for cam in cameras for e in cam.entries), key=lambda t: t[0])
