@@ -180,3 +180,12 @@ async def test_maintenance_runs_the_compactor(redis_client, prefix, tmp_path) ->
     maintenance = Maintenance(store, index, {"lane": 30.0}, compactor=compactor)
     await maintenance.compact(NOW)
     assert (await memory_stats(store))["lane"]["1"]["chunks"] == 1
+
+
+def test_cli_without_redis_fails_with_a_message(tmp_path, capsys) -> None:
+    cfg = tmp_path / "vigil.yaml"
+    cfg.write_text(yaml.safe_dump({"redis": {"url": "redis://user:hunter2@127.0.0.1:1/0"}, "data_dir": str(tmp_path)}))
+    assert main(["memory", "stats", "-c", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "Redis unavailable" in err
+    assert "hunter2" not in err
