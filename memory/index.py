@@ -21,7 +21,8 @@ can see, so search and save take views under a short lock and do the heavy work 
 (call them from worker threads; they release the GIL inside FAISS and numpy).
 
 The index is derived from Redis (memory/store.py): ``catch_up`` makes it agree with the store,
-``follow`` adds what other processes stored since (the store's ``added`` log), ``save`` writes it
+``follow`` adds what other processes stored since (the store's ``added`` log) and drops what
+they consolidated or deleted, ``save`` writes it
 atomically (temp file, fsync, ``os.replace``).
 """
 
@@ -489,6 +490,9 @@ class VectorIndex:
                 missing = [] if read.gap else sorted({i for i in read.chunk_ids if i not in self})
                 if missing:
                     added += await self._add_stored(store, read.camera, missing)
+                if read.removed and not read.gap:
+                    # Consolidated or deleted by another process (vigil memory compact).
+                    self.remove(read.removed)
                 cursors[read.camera] = read.cursor
             if not any(r.more for r in reads):
                 return added

@@ -13,7 +13,11 @@ Layout (``P`` is the configured key prefix, ``C`` a camera name):
 | ``P:{C}:timeline`` | sorted set | member = chunk id (decimal), score = chunk start in UTC ms |
 | ``P:{C}:chunk:<id>`` | hash | ``meta`` (JSON), ``payload`` (codec bytes), ``vec`` (float32 bytes) |
 | ``P:{C}:outages`` | hash | field = outage start in UTC ms, value = JSON record |
-| ``P:{C}:added`` | stream | one entry per chunk write: ``chunk`` (id), ``start_ms``; capped |
+| ``P:{C}:added`` | stream | one entry per chunk write: ``chunk`` (id), ``start_ms``, ``removed``; capped |
+| ``P:{C}:max_span`` | string | longest span of a consolidated chunk of the camera, in ms |
+
+``removed`` (ids, comma-separated) is set when a consolidation replaced chunks or a size budget
+deleted them (then ``chunk`` is empty). ``max_span`` is how far back a time-range query looks.
 """
 
 from __future__ import annotations
@@ -76,6 +80,16 @@ class RedisKeys:
         writes of other processes (``vigil import``)."""
         return f"{self.prefix}:{self.camera_tag(camera)}:added"
 
+    def max_span(self, camera: str) -> str:
+        """Longest span (ms) of the camera's consolidated chunks: how far back a time query looks."""
+        return f"{self.prefix}:{self.camera_tag(camera)}:max_span"
+
     def camera_keys(self, camera: str, chunk_id: int) -> list[str]:
         """Every per-camera key form (for tests and tools that check slot placement)."""
-        return [self.timeline(camera), self.chunk(camera, chunk_id), self.outages(camera), self.added(camera)]
+        return [
+            self.timeline(camera),
+            self.chunk(camera, chunk_id),
+            self.outages(camera),
+            self.added(camera),
+            self.max_span(camera),
+        ]

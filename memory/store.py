@@ -31,13 +31,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import redis.exceptions as redis_errors
@@ -59,6 +60,12 @@ CHUNK_ID_MASK = (1 << 63) - 1
 # for the last frame's duration and imports with coarse sampling. Time-range queries look this far
 # back for chunks that started before the window but reach into it.
 MAX_CHUNK_SPAN_S = 300.0
+# Longest span of a consolidated chunk (tier > 0): a day, far above the shipped tiers' 8 x 8
+# chunks (about 9 minutes at chunk_s 8), so only an absurd configuration meets it. Time-range
+# queries look back as far as the longest chunk a camera holds (its ``max_span`` key).
+MAX_CONSOLIDATED_SPAN_S = 86400.0
+# Highest consolidation tier (the settings allow 8 tiers).
+MAX_TIER = 8
 # Ids fetched or deleted per round trip: keeps each Redis command short so other clients
 # (the question path) are not stalled behind a bulk scan or a large retention pass.
 BATCH_IDS = 1000
@@ -86,16 +93,56 @@ REDIS_AWAY_ERRORS: tuple[type[Exception], ...] = (
     redis_errors.ClusterDownError,
 )
 
+# Replace a run of member chunks by their consolidation in one step. A Lua script runs atomically
+# in Redis (no other command runs between its steps, and it is persisted and replicated whole), so
+# a client killed at any point leaves either every member or the merge, never both or neither.
+# KEYS: timeline, added, max_span, merged chunk hash, then one hash per member.
+# ARGV: merged id, start ms, meta, payload, vec, added log length, span ms, then the member ids.
+# Returns 1 swapped, 0 already swapped (the merge exists: members left by nothing are removed),
+# -1 refused (a member is gone, e.g. retention took it: the merge would bring it back).
+_SWAP_LUA = """
+local merged = KEYS[4]
+if redis.call('EXISTS', merged) == 1 then
+  for i = 5, #KEYS do redis.call('UNLINK', KEYS[i]) end
+  for i = 8, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
+  return 0
+end
+for i = 5, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then return -1 end
+end
+redis.call('HSET', merged, 'meta', ARGV[3], 'payload', ARGV[4], 'vec', ARGV[5])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+local removed = {}
+for i = 5, #KEYS do redis.call('UNLINK', KEYS[i]) end
+for i = 8, #ARGV do
+  redis.call('ZREM', KEYS[1], ARGV[i])
+  removed[#removed + 1] = ARGV[i]
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], '*', 'chunk', ARGV[1], 'start_ms', ARGV[2],
+  'removed', table.concat(removed, ','))
+local span = tonumber(ARGV[7])
+local old = tonumber(redis.call('GET', KEYS[3]) or '0')
+if span > old then redis.call('SET', KEYS[3], ARGV[7]) end
+return 1
+"""
+SwapResult = Literal["swapped", "already", "refused"]
+_SWAP_RESULTS: dict[int, SwapResult] = {1: "swapped", 0: "already", -1: "refused"}
 
-def chunk_id_for(camera: str, start_s: float) -> int:
+
+def chunk_id_for(camera: str, start_s: float, tier: int = 0) -> int:
     """Deterministic non-negative 63-bit id of the chunk of ``camera`` starting at ``start_s``.
 
     Derived from the camera and the start time in whole ms, so a retried or repeated write of the
-    same chunk lands on the same keys without a Redis round trip to allocate an id.
+    same chunk lands on the same keys without a Redis round trip to allocate an id. A consolidated
+    chunk (``tier`` > 0) starts where its first member starts, so the tier is part of its id; a
+    retried consolidation of the same members lands on the same id (memory/consolidate.py).
     """
     _check_time("start_s", start_s)
+    if not isinstance(tier, int) or not 0 <= tier <= MAX_TIER:
+        raise ValueError(f"tier must be an integer in [0, {MAX_TIER}], got {tier!r}")
     start_ms = round(start_s * MS_PER_S)
-    digest = hashlib.blake2b(f"{camera}\x00{start_ms}".encode(), digest_size=8).digest()
+    key = f"{camera}\x00{start_ms}" if tier == 0 else f"{camera}\x00{start_ms}\x00tier{tier}"
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") & CHUNK_ID_MASK
 
 
@@ -111,6 +158,8 @@ class ChunkMeta:
     n_input_tokens: int  # visual tokens the encoder produced
     n_tokens: int  # tokens kept after compression
     codec: str  # codec name and version of the payload, e.g. "fp16/v1"
+    tier: int = 0  # consolidation tier: 0 as ingested, k after k consolidations (memory/consolidate.py)
+    members: tuple[tuple[float, float], ...] = ()  # (start_s, end_s) of each merged member, in time order
 
     @classmethod
     def create(
@@ -123,16 +172,35 @@ class ChunkMeta:
         n_input_tokens: int,
         n_tokens: int,
         codec: str,
+        tier: int = 0,
+        members: Sequence[tuple[float, float]] = (),
     ) -> ChunkMeta:
         """A ChunkMeta whose id is derived with chunk_id_for."""
-        return cls(camera, chunk_id_for(camera, start_s), start_s, end_s, n_frames, n_input_tokens, n_tokens, codec)
+        return cls(
+            camera,
+            chunk_id_for(camera, start_s, tier),
+            start_s,
+            end_s,
+            n_frames,
+            n_input_tokens,
+            n_tokens,
+            codec,
+            tier,
+            tuple((float(a), float(b)) for a, b in members),
+        )
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        fields = asdict(self)
+        if self.tier == 0 and not self.members:
+            # Ingested chunks keep the JSON they had before tiers existed.
+            del fields["tier"], fields["members"]
+        return json.dumps(fields, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ChunkMeta:
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        fields["members"] = tuple((float(a), float(b)) for a, b in fields.get("members", ()))
+        return cls(**fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +212,7 @@ class AddedRead:
     cursor: str  # id of the last entry read (the old cursor when none was new)
     more: bool  # the read stopped at its count: entries after ``cursor`` may be waiting
     gap: bool  # entries after the old cursor were trimmed before they were read
+    removed: list[int] = field(default_factory=list)  # ids a consolidation replaced or a budget deleted
 
 
 def _stream_id(value: str | bytes) -> tuple[int, int]:
@@ -188,16 +257,31 @@ def _check_chunk(meta: ChunkMeta, payload: bytes, vector: np.ndarray) -> np.ndar
     check_camera(meta.camera)
     _check_time("start_s", meta.start_s)
     _check_time("end_s", meta.end_s)
-    if not meta.start_s < meta.end_s <= meta.start_s + MAX_CHUNK_SPAN_S:
+    max_span_s = MAX_CHUNK_SPAN_S if meta.tier == 0 else MAX_CONSOLIDATED_SPAN_S
+    if not meta.start_s < meta.end_s <= meta.start_s + max_span_s:
         raise ValueError(
             f"chunk of {meta.camera!r} spans {meta.start_s!r}..{meta.end_s!r}: end_s must be after start_s "
-            f"and at most {MAX_CHUNK_SPAN_S:g} s later"
+            f"and at most {max_span_s:g} s later"
         )
-    expected_id = chunk_id_for(meta.camera, meta.start_s)
+    expected_id = chunk_id_for(meta.camera, meta.start_s, meta.tier)
     if meta.chunk_id != expected_id:
         raise ValueError(
-            f"chunk_id {meta.chunk_id} is not chunk_id_for({meta.camera!r}, {meta.start_s!r}) = {expected_id}"
+            f"chunk_id {meta.chunk_id} is not chunk_id_for({meta.camera!r}, {meta.start_s!r}, {meta.tier}) = "
+            f"{expected_id}"
         )
+    if meta.tier > 0:
+        spans = meta.members
+        if not spans:
+            raise ValueError(f"consolidated chunk {meta.chunk_id} (tier {meta.tier}) lists no members")
+        # Neighbouring chunks may overlap by wall-clock jitter, so only the starts must be ordered.
+        ordered = all(a < b for a, b in spans) and all(a1 <= a2 for (a1, _), (a2, _) in itertools.pairwise(spans))
+        if not ordered or spans[0][0] != meta.start_s or max(b for _, b in spans) != meta.end_s:
+            raise ValueError(
+                f"members of consolidated chunk {meta.chunk_id} must be spans in start order covering "
+                "start_s to end_s"
+            )
+    elif meta.members:
+        raise ValueError("an ingested chunk (tier 0) has no members")
     for name in ("n_frames", "n_input_tokens", "n_tokens"):
         if getattr(meta, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(meta, name)}")
@@ -444,14 +528,20 @@ class MemoryStore:
         for camera in cameras:
             got = entries[camera]
             ids: list[int] = []
+            removed: list[int] = []
             for _, fields in got:
+                gone = [part for part in fields.get(b"removed", b"").split(b",") if part]
+                if gone and all(part.isdigit() for part in gone):
+                    removed.extend(int(part) for part in gone)
                 raw = fields.get(b"chunk")
+                if raw == b"" and gone:
+                    continue  # a deletion only (size budget)
                 if raw is None or not raw.isdigit():
                     logger.warning("camera %s: added log entry without a chunk id skipped", camera)
                     continue
                 ids.append(int(raw))
             cursor = got[-1][0].decode() if got else starts[camera]
-            reads.append(AddedRead(camera, ids, cursor, len(got) >= count, gaps.get(camera, False)))
+            reads.append(AddedRead(camera, ids, cursor, len(got) >= count, gaps.get(camera, False), removed))
         return reads
 
     async def _added_gaps(self, cameras: list[str], starts: Mapping[str, str]) -> dict[str, bool]:
@@ -540,7 +630,7 @@ class MemoryStore:
         earliest ones.
         """
         key = self.keys.timeline(check_camera(camera))
-        low: float | str = "-inf" if after_s is None else _ms(after_s - MAX_CHUNK_SPAN_S)
+        low: float | str = "-inf" if after_s is None else _ms(after_s - await self._max_span_s(camera))
         high: float | str = "+inf" if before_s is None else f"({_ms(before_s)}"
         ids = await self._redis.zrangebyscore(key, low, high)
         metas: list[ChunkMeta] = []
@@ -581,6 +671,95 @@ class MemoryStore:
                     continue
                 records.append(rec)
         return sorted(records, key=lambda r: (r.start_s, r.camera))
+
+    async def _max_span_s(self, camera: str) -> float:
+        """How far before a window a chunk overlapping it may start: the longest chunk of ``camera``."""
+        raw = await self._redis.get(self.keys.max_span(camera))
+        return max(MAX_CHUNK_SPAN_S, int(raw) / MS_PER_S) if raw is not None and raw.isdigit() else MAX_CHUNK_SPAN_S
+
+    # ------------------------------------------------------------------ consolidation and budgets
+
+    async def swap_chunks(
+        self, meta: ChunkMeta, payload: bytes, vector: np.ndarray, member_ids: Sequence[int]
+    ) -> SwapResult:
+        """Replace the chunks ``member_ids`` of ``meta.camera`` by their consolidation, atomically.
+
+        One Lua script (``_SWAP_LUA``): the merge is written, indexed in the timeline and logged in
+        the ``added`` stream with the removed ids, and the members deleted, all or nothing.
+        Idempotent: a retry after the swap returns "already"; a member already gone returns
+        "refused" and writes nothing. Unlike ``put_chunk`` it is not buffered while Redis is away
+        (REDIS_AWAY_ERRORS propagate): the members stay, at full resolution, for the next round.
+        """
+        vec = _check_chunk(meta, payload, vector)  # [D] float32
+        if meta.tier < 1:
+            raise ValueError("a consolidation must have tier >= 1")
+        ids = [int(i) for i in member_ids]
+        if not ids or len(set(ids)) != len(ids) or meta.chunk_id in ids:
+            raise ValueError("member_ids must be distinct chunk ids other than the merge's own")
+        camera = meta.camera
+        keys = [
+            self.keys.timeline(camera),
+            self.keys.added(camera),
+            self.keys.max_span(camera),
+            self.keys.chunk(camera, meta.chunk_id),
+            *(self.keys.chunk(camera, i) for i in ids),
+        ]
+        args: list[str | int | bytes] = [
+            str(meta.chunk_id),
+            _ms(meta.start_s),
+            meta.to_json(),
+            bytes(payload),
+            vec.tobytes(),
+            self._added_log_len,
+            _ms(meta.end_s - meta.start_s),
+            *(str(i) for i in ids),
+        ]
+        result = await self._redis.eval(_SWAP_LUA, len(keys), *keys, *args)
+        return _SWAP_RESULTS[int(result)]
+
+    async def delete_chunks(self, camera: str, chunk_ids: Sequence[int]) -> int:
+        """Delete chunks of ``camera`` (size budgets); logged in ``added`` so followers drop them too.
+
+        Hashes, timeline entries and the log entry go in one transaction. Returns how many existed.
+        """
+        key = self.keys.timeline(check_camera(camera))
+        deleted = 0
+        ids = [int(i) for i in chunk_ids]
+        for start in range(0, len(ids), BATCH_IDS):
+            batch = ids[start : start + BATCH_IDS]
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.unlink(*(self.keys.chunk(camera, i) for i in batch))
+                pipe.zrem(key, *(str(i) for i in batch))
+                pipe.xadd(
+                    self.keys.added(camera),
+                    {"chunk": "", "removed": ",".join(str(i) for i in batch)},
+                    maxlen=self._added_log_len,
+                    approximate=False,
+                )
+                unlinked, _, _ = await pipe.execute()
+            deleted += int(unlinked)
+        return deleted
+
+    async def chunk_sizes(self, camera: str) -> list[tuple[ChunkMeta, int]]:
+        """Every chunk of ``camera`` in start order with its stored bytes (payload + vector + metadata).
+
+        Redis's own per-key overhead (tens of bytes) is not counted: the figure is what vigil
+        writes, so budgets are comparable across Redis versions and encodings.
+        """
+        ids, _ = await self.timeline(camera)
+        out: list[tuple[ChunkMeta, int]] = []
+        for start in range(0, len(ids), BATCH_IDS):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for chunk_id in ids[start : start + BATCH_IDS]:
+                    chunk_key = self.keys.chunk(camera, int(chunk_id))
+                    pipe.hget(chunk_key, "meta")
+                    pipe.hstrlen(chunk_key, "payload")
+                    pipe.hstrlen(chunk_key, "vec")
+                rows = await _execute_reads(pipe)
+            for meta, payload_len, vec_len in zip(rows[0::3], rows[1::3], rows[2::3], strict=True):
+                if meta is not None:
+                    out.append((ChunkMeta.from_json(meta), len(meta) + int(payload_len or 0) + int(vec_len or 0)))
+        return out
 
     # ------------------------------------------------------------------ retention
 

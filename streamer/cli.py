@@ -128,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=3.0, help="seconds to collect retained states")
     status.set_defaults(func=_lazy("streamer.client:cli_status"))
 
+    memory = sub.add_parser("memory", help="stored memory: sizes per tier, consolidation and budgets")
+    memory_sub = memory.add_subparsers(dest="memory_command", required=True, metavar="ACTION")
+    stats = memory_sub.add_parser("stats", help="chunks and bytes per camera and tier")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+    stats.set_defaults(func=_lazy("streamer.compaction:cli_memory"))
+    compact = memory_sub.add_parser("compact", help="run the consolidation tiers and size budgets now")
+    compact.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+    compact.set_defaults(func=_lazy("streamer.compaction:cli_memory"))
+
     models = sub.add_parser("models", help="model utilities")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     tiny = models_sub.add_parser("make-tiny", help="write tiny random models of the real architectures (for tests)")

@@ -41,6 +41,7 @@ from memory.store import MemoryStore
 from retrieval.answer import FRESH_WITHIN_S, Answerer
 from retrieval.search import Retriever
 from streamer.camera import CameraStatus, CameraWorker
+from streamer.compaction import compactor_for
 from streamer.frames import Chunk
 from streamer.health import Health, assess, status_payload
 from streamer.ingest import IngestService
@@ -219,7 +220,10 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
         )
         stack.callback(ingest.log_summary)
         maintenance = Maintenance(
-            res.store, res.index, {name: cam.retention_days for name, cam in settings.cameras.items()}
+            res.store,
+            res.index,
+            {name: cam.retention_days for name, cam in settings.cameras.items()},
+            compactor=compactor_for(settings, res.store, res.index),
         )
         configured = set(settings.cameras)
 

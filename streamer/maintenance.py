@@ -1,4 +1,4 @@
-"""Periodic upkeep of memory while the daemon runs: index saves and retention.
+"""Periodic upkeep of memory while the daemon runs: index saves, retention and compaction.
 
 The retry of buffered Redis writes is the store's own loop (``MemoryStore.run_retry_loop``), run
 by the daemon as a task of its own so that each long-lived task has one job and returns on the
@@ -17,6 +17,7 @@ import redis.exceptions
 
 from memory.aio import wait_set
 from memory.store import REDIS_AWAY_ERRORS, MemoryStore
+from streamer.compaction import COMPACTION_INTERVAL_S, Compactor
 from streamer.resources import IndexFile
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,8 @@ SECONDS_PER_DAY = 86400.0
 
 
 class Maintenance:
-    """``await maintenance.run(stop)``: save the index when it changed, apply each camera's retention."""
+    """``await maintenance.run(stop)``: save the index when it changed, apply each camera's retention,
+    then compact (consolidation tiers and size budgets, streamer/compaction.py)."""
 
     def __init__(
         self,
@@ -37,20 +39,27 @@ class Maintenance:
         *,
         save_interval_s: float = INDEX_SAVE_INTERVAL_S,
         retention_interval_s: float = RETENTION_INTERVAL_S,
+        compactor: Compactor | None = None,
+        compaction_interval_s: float = COMPACTION_INTERVAL_S,
     ) -> None:
         self._store = store
         self._index = index
         self._retention_days = dict(retention_days)
         self._save_interval_s = save_interval_s
         self._retention_interval_s = retention_interval_s
+        self._compactor = compactor
+        self._compaction_interval_s = compaction_interval_s
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until ``stop``: retention now and every retention interval, index saves every save interval."""
-        next_retention = time.monotonic()
+        next_retention = next_compaction = time.monotonic()
         while not stop.is_set():
             if time.monotonic() >= next_retention:
                 next_retention = time.monotonic() + self._retention_interval_s
                 await self.apply_retention(time.time())
+            if self._compactor is not None and time.monotonic() >= next_compaction:
+                next_compaction = time.monotonic() + self._compaction_interval_s
+                await self.compact(time.time())
             await wait_set(stop, self._save_interval_s)
             await self._index.save_if_dirty()
 
@@ -71,3 +80,14 @@ class Maintenance:
             if self._index.index.remove_before(camera, now_s - cutoff_age_s):
                 self._index.dirty = True
         return deleted
+
+    async def compact(self, now_s: float) -> None:
+        """One compaction pass; Redis being away or refusing it only postpones it to the next round."""
+        if self._compactor is None:
+            return
+        try:
+            await self._compactor.run_once(now_s)
+        except REDIS_AWAY_ERRORS as exc:
+            logger.warning("compaction skipped: Redis unavailable (%s)", exc)
+        except redis.exceptions.RedisError as exc:
+            logger.error("compaction failed: %s: %s", type(exc).__name__, exc)

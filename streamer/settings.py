@@ -17,6 +17,7 @@ messages would print it (``input_value=...``).
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import types
@@ -32,6 +33,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -116,6 +118,110 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+# Durations of memory tiers ("1d", "12h") and byte sizes of budgets ("2GB", "512MiB"). The unit is
+# required: a bare number would leave seconds-or-days and bytes-or-megabytes to guesswork.
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(s|m|h|d|w)")
+_DURATION_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?) ?(B|kB|KB|MB|GB|TB|KiB|MiB|GiB|TiB)")
+_SIZE_BYTES = {
+    "B": 1,
+    "kB": 10**3,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
+}
+# More tiers than this is a configuration mistake, not a memory plan (each tier multiplies the grain).
+MAX_TIERS = 8
+
+
+def parse_duration_s(value: object) -> float:
+    """'90s', '30m', '12h', '1d', '2w' (or already seconds, from a dumped model) -> seconds > 0."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION_RE.fullmatch(value.strip())):
+        seconds = float(match[1]) * _DURATION_S[match[2]]
+    else:
+        raise ValueError("must be a duration with a unit: a number followed by s, m, h, d or w (e.g. 1d)")
+    if not 0 < seconds < float("inf"):
+        raise ValueError("must be a positive duration")
+    return seconds
+
+
+def parse_size_bytes(value: object) -> int:
+    """'2GB', '512MiB', '100 MB' (or already bytes, from a dumped model) -> bytes > 0."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (match := _SIZE_RE.fullmatch(value.strip())):
+        size = int(float(match[1]) * _SIZE_BYTES[match[2]])
+    else:
+        raise ValueError("must be a size with a unit: a number followed by B, KB, MB, GB, TB, KiB, MiB, GiB or TiB")
+    if size <= 0:
+        raise ValueError("must be a positive size")
+    return size
+
+
+DurationS = Annotated[float, BeforeValidator(parse_duration_s)]
+SizeBytes = Annotated[int, BeforeValidator(parse_size_bytes)]
+
+
+class TierSettings(_Strict):
+    """One consolidation tier: memory older than ``after`` is merged ``merge`` chunks to one."""
+
+    after: DurationS = Field(
+        description="Age from which chunks are consolidated into this tier, with a unit (e.g. 1d, 12h); in seconds."
+    )
+    merge: int = Field(ge=2, le=64, description="Neighbouring chunks of the tier below merged into one.")
+    keep_ratio: float = Field(gt=0, le=1, description="Share of the merged chunks' tokens the merge keeps.")
+
+
+def _check_tiers(tiers: list[TierSettings]) -> list[TierSettings]:
+    if len(tiers) > MAX_TIERS:
+        raise ValueError(f"at most {MAX_TIERS} tiers")
+    for lower, upper in itertools.pairwise(tiers):
+        if upper.after <= lower.after:
+            raise ValueError("tiers must be ordered by strictly increasing 'after'")
+    return tiers
+
+
+Tiers = Annotated[list[TierSettings], AfterValidator(_check_tiers)]
+
+
+def _default_tiers() -> list[TierSettings]:
+    # Issue 10: 8 chunks (about a minute) to one with an eighth of their tokens after a day, then 8
+    # of those (about 8 minutes) to one after a week; a camera-month then fits in about 1 GB.
+    return [
+        TierSettings.model_validate({"after": "1d", "merge": 8, "keep_ratio": 0.125}),
+        TierSettings.model_validate({"after": "7d", "merge": 8, "keep_ratio": 0.125}),
+    ]
+
+
+class MemorySettings(_Strict):
+    """How old memory is consolidated and how much of it is kept (issue 10)."""
+
+    tiers: Tiers = Field(
+        default_factory=_default_tiers,
+        description=(
+            "Consolidation tiers in order of age; a camera may set its own. An empty list keeps full "
+            "resolution until retention."
+        ),
+    )
+    max_bytes_per_camera: SizeBytes | None = Field(
+        default=parse_size_bytes("2GB"),
+        description=(
+            "Size budget of one camera's memory with a unit (e.g. 2GB); over it, the oldest memory is "
+            "consolidated, then deleted. null: no budget."
+        ),
+    )
+    max_bytes: SizeBytes | None = Field(
+        default=None, description="Size budget of all cameras' memory together (e.g. 16GB); null: no budget."
+    )
+
+
 class CameraSettings(_Strict):
     """One camera: where to read it and how to sample it."""
 
@@ -169,6 +275,9 @@ class CameraSettings(_Strict):
         description="Frames buffered between the decoder thread and the loop; when full the oldest is dropped.",
     )
     retention_days: float = Field(default=7.0, gt=0, description="Memory of this camera older than this is deleted.")
+    tiers: Tiers | None = Field(
+        default=None, description="This camera's consolidation tiers (same form as memory.tiers); null: memory.tiers."
+    )
 
     @model_validator(mode="after")
     def _backoff_order(self) -> CameraSettings:
@@ -356,6 +465,7 @@ class Settings(_Strict):
     compression: CompressionSettings = Field(default_factory=CompressionSettings, description="Token compression.")
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings, description="Question retrieval.")
     metrics: MetricsSettings = Field(default_factory=MetricsSettings, description="Prometheus metrics and health.")
+    memory: MemorySettings = Field(default_factory=MemorySettings, description="Consolidation and size budgets.")
     cameras: dict[CameraName, CameraSettings] = Field(
         default_factory=dict, description="Camera name -> source. Names: a-z, 0-9, '_' and '-'."
     )
@@ -372,6 +482,11 @@ class Settings(_Strict):
     @property
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+    def tiers_for(self, camera: str) -> list[TierSettings]:
+        """The consolidation tiers of ``camera``: its own, else memory.tiers."""
+        cam = self.cameras.get(camera)
+        return list(self.memory.tiers if cam is None or cam.tiers is None else cam.tiers)
 
 
 # --------------------------------------------------------------------------- loading

@@ -25,7 +25,7 @@ def test_default_yaml_equals_model_defaults() -> None:
     assert Settings.model_validate(raw) == Settings()
     # Complete: every top-level key and every key of each section is written out.
     assert set(raw) == _fields(Settings)
-    for section in ("mqtt", "redis", "models", "compression", "retrieval"):
+    for section in ("mqtt", "redis", "models", "compression", "retrieval", "memory"):
         section_model = type(getattr(Settings(), section))
         assert set(raw[section]) == _fields(section_model), section
 
@@ -309,3 +309,87 @@ def test_the_stores_own_key_guard_refuses_a_trailing_newline() -> None:
         RedisKeys("k\n")
     with pytest.raises(ValueError, match="cannot be used"):
         RedisKeys("k").timeline("cam\n")
+
+
+# --------------------------------------------------------------------------- memory tiers and budgets
+
+
+def test_memory_defaults_are_the_issue_tiers_and_a_2gb_camera_budget() -> None:
+    memory = Settings().memory
+    assert [(t.after, t.merge, t.keep_ratio) for t in memory.tiers] == [(86400.0, 8, 0.125), (604800.0, 8, 0.125)]
+    assert memory.max_bytes_per_camera == 2 * 10**9
+    assert memory.max_bytes is None
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90.0), ("30m", 1800.0), ("12h", 43200.0), ("1.5d", 129600.0), ("2w", 1209600.0)]
+)
+def test_tier_durations_take_units(text: str, seconds: float) -> None:
+    tier = Settings.model_validate({"memory": {"tiers": [{"after": text, "merge": 4, "keep_ratio": 0.5}]}}).memory
+    assert tier.tiers[0].after == seconds
+
+
+@pytest.mark.parametrize(("text", "size"), [("2GB", 2 * 10**9), ("512MiB", 512 * 2**20), ("100 MB", 10**8)])
+def test_budget_sizes_take_units(text: str, size: int) -> None:
+    memory = Settings.model_validate({"memory": {"max_bytes_per_camera": text, "max_bytes": text}}).memory
+    assert memory.max_bytes_per_camera == size
+    assert memory.max_bytes == size
+
+
+@pytest.mark.parametrize(
+    ("memory", "message"),
+    [
+        ({"tiers": [{"after": "1d", "merge": 8}]}, "memory.tiers.0.keep_ratio: Field required"),
+        ({"tiers": [{"after": "1d", "merge": 8, "keep_ratio": 0.1, "mrege": 2}]}, "memory.tiers.0.mrege: unknown key"),
+        ({"tiers": [{"after": 86400, "merge": 8, "keep_ratio": 0.1}]}, None),  # seconds, as dumped: accepted
+        ({"tiers": [{"after": "1 day", "merge": 8, "keep_ratio": 0.1}]}, "memory.tiers.0.after: "),
+        ({"tiers": [{"after": "0d", "merge": 8, "keep_ratio": 0.1}]}, "memory.tiers.0.after: "),
+        ({"tiers": [{"after": "1d", "merge": 1, "keep_ratio": 0.1}]}, "memory.tiers.0.merge: "),
+        ({"tiers": [{"after": "1d", "merge": 8, "keep_ratio": 0}]}, "memory.tiers.0.keep_ratio: "),
+        ({"tiers": [{"after": "1d", "merge": 8, "keep_ratio": 1.5}]}, "memory.tiers.0.keep_ratio: "),
+        (
+            {"tiers": [{"after": "7d", "merge": 8, "keep_ratio": 0.1}, {"after": "1d", "merge": 8, "keep_ratio": 0.1}]},
+            "increasing",
+        ),
+        ({"max_bytes_per_camera": "2"}, "memory.max_bytes_per_camera: "),
+        ({"max_bytes_per_camera": "2 gigabytes"}, "memory.max_bytes_per_camera: "),
+        ({"max_bytes": "0GB"}, "memory.max_bytes: "),
+        ({"max_bytes": True}, "memory.max_bytes: "),
+    ],
+)
+def test_memory_settings_are_validated_strictly(tmp_path: Path, memory: dict, message: str | None) -> None:
+    cfg = tmp_path / "memory.yaml"
+    cfg.write_text(yaml.safe_dump({"memory": memory}))
+    if message is None:
+        load_settings(cfg, environ={})
+        return
+    with pytest.raises(ConfigError) as caught:
+        load_settings(cfg, environ={})
+    assert message in str(caught.value)
+
+
+def test_a_camera_may_set_its_own_tiers() -> None:
+    settings = Settings.model_validate(
+        {
+            "cameras": {
+                "gate": {"url": "rtsp://x/y", "tiers": [{"after": "2d", "merge": 4, "keep_ratio": 0.25}]},
+                "door": {"url": "rtsp://x/z"},
+                "yard": {"url": "rtsp://x/w", "tiers": []},
+            }
+        }
+    )
+    assert [(t.after, t.merge) for t in settings.tiers_for("gate")] == [(172800.0, 4)]
+    assert settings.tiers_for("door") == settings.memory.tiers
+    assert settings.tiers_for("yard") == []
+
+
+def test_memory_settings_from_the_environment() -> None:
+    env = {
+        "VIGIL_MEMORY__MAX_BYTES": "16GB",
+        "VIGIL_MEMORY__TIERS": "[{after: 2d, merge: 4, keep_ratio: 0.25}]",
+        "VIGIL_MEMORY__MAX_BYTES_PER_CAMERA": "",  # empty: no per-camera budget
+    }
+    memory = load_settings(None, environ=env).memory
+    assert memory.max_bytes == 16 * 10**9
+    assert memory.max_bytes_per_camera is None
+    assert [(t.after, t.merge, t.keep_ratio) for t in memory.tiers] == [(172800.0, 4, 0.25)]
