@@ -463,16 +463,7 @@ class MqttApi:
         """
         client, lost = self._client, self._lost
         if client is not None:
-            publish = asyncio.ensure_future(
-                client.publish(
-                    out.topic,
-                    out.payload,
-                    qos=QOS,
-                    retain=out.retain,
-                    properties=self._props(out),
-                    timeout=CONNECT_TIMEOUT_S,
-                )
-            )
+            publish = asyncio.ensure_future(self._publish(client, out))
             gone = asyncio.ensure_future(lost.wait())
             await _first_of(publish, gone)
             if publish.done() and not publish.cancelled() and publish.exception() is None:
@@ -487,6 +478,11 @@ class MqttApi:
             why = "connection lost" if exc is None else exc
             log.info("reply to %s not published (%s); queued for after reconnect", out.topic, why)
         self._enqueue(out)
+
+    async def _publish(self, client: aiomqtt.Client, out: _Outgoing) -> None:
+        await client.publish(
+            out.topic, out.payload, qos=QOS, retain=out.retain, properties=self._props(out), timeout=CONNECT_TIMEOUT_S
+        )
 
     def _enqueue(self, out: _Outgoing) -> None:
         if len(self._outbox) >= self._outbox_size:
@@ -504,14 +500,7 @@ class MqttApi:
         while self._outbox and self._client is client:
             out = self._outbox[0]
             try:
-                await client.publish(
-                    out.topic,
-                    out.payload,
-                    qos=QOS,
-                    retain=out.retain,
-                    properties=self._props(out),
-                    timeout=CONNECT_TIMEOUT_S,
-                )
+                await self._publish(client, out)
             except Exception as exc:
                 if _connection_failure(exc):
                     raise  # the connection went again: the reply stays first in the outbox
