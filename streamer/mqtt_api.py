@@ -501,7 +501,7 @@ class MqttApi:
             out = self._outbox[0]
             try:
                 await self._publish(client, out)
-            except Exception as exc:
+            except Exception as exc:  # broad on purpose: what paho raises for a hostile topic varies
                 if _connection_failure(exc):
                     raise  # the connection went again: the reply stays first in the outbox
                 self.counters["replies_failed"] += 1
