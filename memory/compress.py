@@ -265,7 +265,7 @@ def chunk_budget(n_input: int, n_new: int, n_carried: int, n_segments: int, *, c
     return max(floor, min(raw, cap))
 
 
-def _check_inputs(
+def check_inputs(
     tokens: Tensor,
     global_feats: Tensor,
     t_start: Tensor,
@@ -274,6 +274,10 @@ def _check_inputs(
     *,
     grid: tuple[int, int],
 ) -> None:
+    """ValueError unless the inputs are one chunk's encoded frames (shapes as in ``compress_chunk``).
+
+    Shared by every compressor of a chunk (vigil's, memory/fastvid.py), so both refuse the same inputs.
+    """
     if tokens.dim() != 3:
         raise ValueError(f"tokens must be [T, N, C], got shape {tuple(tokens.shape)}")
     t, n, _ = tokens.shape
@@ -476,7 +480,7 @@ def compress_chunk(
         (chunk, state): M memory tokens sorted by (frame, row, col) with the summary last, and
         the state to pass with the next chunk. sum(chunk.count) == N * sum(weight).
     """
-    _check_inputs(tokens, global_feats, t_start, t_end, weight, grid=grid)
+    check_inputs(tokens, global_feats, t_start, t_end, weight, grid=grid)
     t_frames, n, c = tokens.shape
     x = tokens.float()  # [T, N, C]
     xn = F.normalize(x, dim=-1)  # [T, N, C]

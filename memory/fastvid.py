@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
 from torch import Tensor
 
+from memory.compress import check_inputs
 from memory.types import CompressedChunk, TokenKind
 
 
@@ -158,19 +159,6 @@ def _capped_split(total: int, caps: Tensor) -> Tensor:
     return alloc
 
 
-def _check(tokens: Tensor, global_feats: Tensor, spans: tuple[Tensor, Tensor, Tensor], grid: tuple[int, int]) -> None:
-    if tokens.dim() != 3:
-        raise ValueError(f"tokens must be [T, N, C], got shape {tuple(tokens.shape)}")
-    t, n, _ = tokens.shape
-    if len(grid) != 2 or grid[0] * grid[1] != n:
-        raise ValueError(f"grid {grid} must have rows * cols == N = {n}")
-    if global_feats.dim() != 2 or global_feats.shape[0] != t:
-        raise ValueError(f"global_feats must be [T={t}, G], got shape {tuple(global_feats.shape)}")
-    for name, value in zip(("t_start", "t_end", "weight"), spans, strict=True):
-        if value.shape != (t,):
-            raise ValueError(f"{name} must be [T={t}], got shape {tuple(value.shape)}")
-
-
 def fastvid_compress(
     tokens: Tensor,
     global_feats: Tensor,
@@ -200,7 +188,7 @@ def fastvid_compress(
         A CompressedChunk of SALIENT (ATS) and CONTEXT (DTM) tokens in (frame, row, col) order;
         sum(count) == N * sum(weight).
     """
-    _check(tokens, global_feats, (t_start, t_end, weight), grid)
+    check_inputs(tokens, global_feats, t_start, t_end, weight, grid=grid)
     if budget < 1:
         raise ValueError(f"budget must be >= 1, got {budget}")
     t_frames, n, c = tokens.shape
