@@ -7,17 +7,12 @@ hold exactly the chunks Redis holds, with their vectors.
 
 from __future__ import annotations
 
-import asyncio
-import signal
-import sys
-from pathlib import Path
-
 import numpy as np
 
 from memory.index import VectorIndex
 from memory.store import MemoryStore
+from tests.plugins.crash import REPO, sigkill_after
 
-REPO = Path(__file__).resolve().parents[1]
 WRITER = REPO / "tests" / "crash_writer.py"
 DIM = 256
 PRELOAD_CHUNKS = 500  # tests/crash_writer.py prints its first line after this many
@@ -30,26 +25,8 @@ async def test_sigkill_mid_stream_then_index_agrees_with_redis(
     redis_client, redis_url, prefix, tmp_path
 ) -> None:
     index_path = tmp_path / "index.npz"
-    args = [str(WRITER), redis_url, prefix, str(index_path), "--dim", str(DIM), "--save-every", "4"]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO
-    )
-    try:
-        assert proc.stdout is not None
-        written = 0
-        while written < PRELOAD_CHUNKS + EXTRA_CHUNKS:
-            line = await asyncio.wait_for(proc.stdout.readline(), 60)
-            if not line:
-                _, err = await proc.communicate()
-                raise AssertionError(f"writer exited early with {proc.returncode}: {err.decode()}")
-            written = int(line.split()[1])
-        proc.send_signal(signal.SIGKILL)
-        await asyncio.wait_for(proc.wait(), 10)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    args = [redis_url, prefix, str(index_path), "--dim", str(DIM), "--save-every", "4"]
+    written = await sigkill_after(WRITER, *args, progress=PRELOAD_CHUNKS + EXTRA_CHUNKS)
 
     store = MemoryStore(redis_client, key_prefix=prefix)
     cameras = await store.cameras()

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import signal
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from memory.index import VectorIndex
 from memory.store import ChunkMeta, MemoryStore, chunk_id_for
+from tests.plugins.crash import REPO, sigkill_after
 from tests.swap_writer import CAMERA, DIM, PAYLOAD_BYTES, T0, member_metas, merged_meta
 
-REPO = Path(__file__).resolve().parents[1]
 WRITER = REPO / "tests" / "swap_writer.py"
 
 
@@ -117,32 +113,7 @@ async def test_sigkill_during_swaps_leaves_members_or_merge(redis_client, redis_
         await _put_group(store, g, payload=b"p" * PAYLOAD_BYTES)
     index = VectorIndex(DIM)  # as a daemon's index stood before the writer began
     await index.catch_up(store)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(WRITER),
-        redis_url,
-        prefix,
-        str(groups),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=REPO,
-    )
-    try:
-        assert proc.stdout is not None
-        done = -1
-        while done < groups // 2:
-            line = await asyncio.wait_for(proc.stdout.readline(), 60)
-            if not line:
-                _, err = await proc.communicate()
-                raise AssertionError(f"writer exited early with {proc.returncode}: {err.decode()}")
-            done = int(line.split()[1])
-        proc.send_signal(signal.SIGKILL)
-        await asyncio.wait_for(proc.wait(), 10)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    done = await sigkill_after(WRITER, redis_url, prefix, str(groups), progress=groups // 2)
     in_timeline = set((await store.timeline(CAMERA))[0].tolist())
     swapped = 0
     for g in range(groups):
