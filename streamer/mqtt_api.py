@@ -37,6 +37,7 @@ from zoneinfo import ZoneInfo
 
 import aiomqtt
 import paho.mqtt.client as paho
+from paho.mqtt.exception import MQTTException
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -183,6 +184,12 @@ def answer_payload(answer: Answer, tz: ZoneInfo) -> dict[str, Any]:
 
 def error_payload(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
+
+
+# What a publish raises: the client's errors (lost connection, refused, no PUBACK in time) and
+# paho's for a packet it cannot build from a client's input (topic, correlation data). Anything
+# else is a bug and ends the daemon.
+PUBLISH_ERRORS: tuple[type[Exception], ...] = (aiomqtt.MqttError, MQTTException, ValueError, TypeError, OSError)
 
 
 def _connection_failure(exc: BaseException) -> bool:
@@ -469,6 +476,8 @@ class MqttApi:
             if publish.done() and not publish.cancelled() and publish.exception() is None:
                 return
             exc = None if publish.cancelled() else publish.exception()
+            if exc is not None and not isinstance(exc, PUBLISH_ERRORS):
+                raise exc
             if exc is not None and not lost.is_set() and not _connection_failure(exc):
                 # Not the connection: the same publish would fail again after a reconnect, and a
                 # reply that fails every flush would hold the outbox (and the reconnect) forever.
@@ -501,7 +510,7 @@ class MqttApi:
             out = self._outbox[0]
             try:
                 await self._publish(client, out)
-            except Exception as exc:  # broad on purpose: what paho raises for a hostile topic varies
+            except PUBLISH_ERRORS as exc:
                 if _connection_failure(exc):
                     raise  # the connection went again: the reply stays first in the outbox
                 self.counters["replies_failed"] += 1
