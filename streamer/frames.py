@@ -199,8 +199,12 @@ class Sampler:
     """
 
     sample_fps: float
-    next_due_s: float | None = None
     frame_interval_s: float | None = None
+    # The grid is anchor + k * period, computed afresh for each point: adding the period to a
+    # running sum rounds at every step, and at epoch-sized timestamps (ulp ~1e-7 s) the error
+    # grows with every point kept, by hundreds of ulps within minutes.
+    _anchor_s: float | None = field(default=None, init=False)
+    _k: int = field(default=0, init=False)
     _prev_s: float | None = field(default=None, init=False)
 
     @property
@@ -208,12 +212,20 @@ class Sampler:
         return 1.0 / self.sample_fps
 
     @property
+    def next_due_s(self) -> float | None:
+        """The next grid point (None before the first frame)."""
+        if self._anchor_s is None:
+            return None
+        return self._anchor_s + self._k * self.period_s
+
+    @property
     def earliest_s(self) -> float | None:
         """The earliest time a frame is taken for the next grid point (None: any frame)."""
-        if self.next_due_s is None:
+        due = self.next_due_s
+        if due is None:
             return None
         interval = min(self.frame_interval_s or 0.0, self.period_s)
-        return self.next_due_s - interval / 2 - TIME_EPSILON_S
+        return due - interval / 2 - TIME_EPSILON_S
 
     def __call__(self, ts_s: float) -> bool:
         """Whether the frame at ``ts_s`` is sampled (advances the grid when it is)."""
@@ -221,13 +233,14 @@ class Sampler:
             step = ts_s - self._prev_s
             self.frame_interval_s = step if self.frame_interval_s is None else min(self.frame_interval_s, step)
         self._prev_s = ts_s
+        due = self.next_due_s
         earliest = self.earliest_s
         if earliest is not None and ts_s < earliest:
             return False
-        if self.next_due_s is None or ts_s - self.next_due_s >= self.period_s:
-            self.next_due_s = ts_s + self.period_s
+        if due is None or ts_s - due >= self.period_s:
+            self._anchor_s, self._k = ts_s, 1  # first frame, or a gap: the grid restarts here
         else:
-            self.next_due_s += self.period_s
+            self._k += 1
         return True
 
 

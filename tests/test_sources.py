@@ -212,6 +212,22 @@ def test_sampler_keeps_the_frame_nearest_each_grid_point(
         assert abs(t - g) <= interval / 2 + 1e-6  # 1e-6: float noise of t0 + i * interval at t0 ~ 1e9
 
 
+def test_sampler_grid_does_not_drift_at_epoch_timestamps() -> None:
+    """Ten minutes at 33.15 fps sampled at a non-integer ratio, at a 2026 epoch time (ulp ~2.4e-7 s).
+
+    Every kept frame stays within half a frame interval of t0 + k / sample_fps. A grid built by
+    adding the period to a running sum rounds at each point and was measured 0.48 ms past that
+    bound here (hypothesis found the same at t0 ~3.4e7 over 34 s, by a hair).
+    """
+    input_fps, t0 = 33.15, 1_795_000_000.0
+    sample_fps = input_fps / 2.628
+    times = [t0 + i / input_fps for i in range(int(600 * input_fps))]
+    kept = np.array(_sample(sample_fps, times))
+    grid = t0 + np.arange(len(kept)) / sample_fps
+    assert abs(len(kept) - 600 * sample_fps) <= 1
+    assert np.abs(kept - grid).max() <= 0.5 / input_fps + 1e-6
+
+
 def test_sampler_rate_is_by_time_not_frame_count() -> None:
     ten_s = 10.0
     for input_fps in (12.5, 30.0, 29.83):
