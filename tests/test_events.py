@@ -3,14 +3,19 @@ event JSON (streamer/events.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
+import redis.asyncio as redis
+import yaml
 from redis.crc import key_slot
 
 from memory.events import Event, EventStore
+from streamer.cli import main
 from streamer.events import event_payload
 from streamer.timefmt import parse_time
 
@@ -158,3 +163,49 @@ def test_event_payload_in_zone_with_citation() -> None:
     assert "type" not in ongoing
     assert ongoing["end"] is None
     assert ongoing["citation"]["end"] is None
+
+
+def test_cli_lists_events_as_table_and_json(redis_url, prefix, tmp_path, capsys) -> None:
+    start_s = datetime(2026, 11, 20, 10, 0, 0, tzinfo=TZ).timestamp()
+    door = Event("e1", "person", "front", start_s, start_s + 30, 0.8, 0.91, "A person rings the bell.")
+    car = Event("e2", "car", "drive", start_s + 3600, None, 0.6, 0.7, None)
+
+    async def write() -> None:
+        client = redis.Redis.from_url(redis_url)
+        try:
+            store = EventStore(client, key_prefix=prefix)
+            await store.put(door)
+            await store.put(car)
+        finally:
+            await client.aclose()
+
+    asyncio.run(write())  # the CLI runs its own event loop, so this test has none
+    cfg = tmp_path / "vigil.yaml"
+    cfg.write_text(yaml.safe_dump({"redis": {"url": redis_url, "key_prefix": prefix}, "timezone": "Europe/Berlin"}))
+    assert main(["events", "-c", str(cfg)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["start", "(Europe/Berlin)", "end", "camera", "watch", "peak", "description"]
+    assert table[1].split()[:6] == ["2026-11-20", "10:00:00", "2026-11-20", "10:00:30", "front", "person"]
+    assert "A person rings the bell." in table[1]
+    assert table[2].split()[2:5] == ["ongoing", "drive", "car"]
+
+    # Naive times are in the configured zone, as in `vigil ask --after`.
+    assert main(["events", "--json", "--after", "2026-11-20T10:30:00", "-c", str(cfg)]) == 0
+    assert json.loads(capsys.readouterr().out) == [event_payload(car, TZ)]
+    assert main(["events", "--json", "--watch", "person", "--camera", "front", "-c", str(cfg)]) == 0
+    assert [e["id"] for e in json.loads(capsys.readouterr().out)] == ["e1"]
+    assert main(["events", "--camera", "side", "-c", str(cfg)]) == 0
+    assert capsys.readouterr().out.strip() == "no events"
+
+    assert main(["events", "--after", "yesterday", "-c", str(cfg)]) == 2
+    assert "ISO 8601" in capsys.readouterr().err
+    assert main(["events", "--limit", "0", "-c", str(cfg)]) == 2
+
+
+def test_cli_without_redis_fails_with_a_message(tmp_path, capsys) -> None:
+    cfg = tmp_path / "vigil.yaml"
+    cfg.write_text(yaml.safe_dump({"redis": {"url": "redis://user:hunter2@127.0.0.1:1/0"}}))
+    assert main(["events", "-c", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "Redis unavailable" in err
+    assert "hunter2" not in err
