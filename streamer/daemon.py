@@ -234,7 +234,14 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
             # A camera that exists only through `vigil import` can be named in questions too.
             return sorted(configured | set(res.index.index.cameras()))
 
-        api = MqttApi(settings.mqtt, tz=tz, cameras=known_cameras, answer=metrics.timed(answerer.answer))
+        api = MqttApi(
+            settings.mqtt,
+            tz=tz,
+            cameras=known_cameras,
+            answer=metrics.timed(answerer.answer),
+            events=events,
+            discovery=settings.discovery,
+        )
 
         cameras = {name: cam for name, cam in settings.cameras.items() if cam.enabled}
         queues: dict[str, asyncio.Queue[Chunk | None]] = {
