@@ -128,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=3.0, help="seconds to collect retained states")
     status.set_defaults(func=_lazy("streamer.client:cli_status"))
 
+    events = sub.add_parser("events", help="list the events watches raised (from Redis)")
+    events.add_argument("--camera", help="only this camera's events")
+    events.add_argument("--watch", help="only this watch's events")
+    events.add_argument("--after", help="only events reaching past this time (ISO 8601; naive: configured zone)")
+    events.add_argument("--before", help="only events starting before this time (ISO 8601)")
+    events.add_argument("--limit", type=int, default=100, help="at most this many, earliest first (%(default)s)")
+    events.add_argument("--json", action="store_true", help="print a JSON list, as the MQTT API gives it")
+    events.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+    events.set_defaults(func=_lazy("streamer.events_cli:cli_events"))
+
     memory = sub.add_parser("memory", help="stored memory: sizes per tier, consolidation and budgets")
     memory_sub = memory.add_subparsers(dest="memory_command", required=True, metavar="ACTION")
     stats = memory_sub.add_parser("stats", help="chunks and bytes per camera and tier")

@@ -37,6 +37,7 @@ import redis.exceptions
 import transformers
 
 from memory.aio import wait_set
+from memory.events import EventStore
 from memory.store import MemoryStore
 from retrieval.answer import FRESH_WITHIN_S, Answerer
 from retrieval.search import Retriever
@@ -219,11 +220,13 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
             on_timing=metrics.on_timing,
         )
         stack.callback(ingest.log_summary)
+        events = EventStore(res.redis, key_prefix=settings.redis.key_prefix)
         maintenance = Maintenance(
             res.store,
             res.index,
             {name: cam.retention_days for name, cam in settings.cameras.items()},
             compactor=compactor_for(settings, res.store, res.index),
+            events=events,
         )
         configured = set(settings.cameras)
 
@@ -231,7 +234,14 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
             # A camera that exists only through `vigil import` can be named in questions too.
             return sorted(configured | set(res.index.index.cameras()))
 
-        api = MqttApi(settings.mqtt, tz=tz, cameras=known_cameras, answer=metrics.timed(answerer.answer))
+        api = MqttApi(
+            settings.mqtt,
+            tz=tz,
+            cameras=known_cameras,
+            answer=metrics.timed(answerer.answer),
+            events=events,
+            discovery=settings.discovery,
+        )
 
         cameras = {name: cam for name, cam in settings.cameras.items() if cam.enabled}
         queues: dict[str, asyncio.Queue[Chunk | None]] = {

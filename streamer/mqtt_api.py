@@ -1,4 +1,5 @@
-"""The question service over MQTT: requests on ``{prefix}/ask``, availability, camera states.
+"""The question service over MQTT: requests on ``{prefix}/ask`` and ``{prefix}/events/query``,
+availability, camera states, Home Assistant discovery.
 
 Protocol (docs/api.md has the full reference):
 
@@ -10,6 +11,13 @@ Protocol (docs/api.md has the full reference):
 * ``{prefix}/available`` is retained ``online`` while connected, with ``offline`` as the last
   will and as the last thing published on a clean stop. Camera states are retained on
   ``{prefix}/cameras/{name}/state`` and re-published after every reconnect.
+* ``{prefix}/events/query`` follows the same request/response rules (size, schema, reply address,
+  rate limit, ``max_in_flight``); its reply lists stored events (streamer/events.py).
+* Home Assistant discovery (streamer/discovery.py): the retained device config is published on
+  connect (before ``online``), when Home Assistant's birth ``{discovery_prefix}/status`` =
+  ``online`` arrives, and on :meth:`MqttApi.publish_discovery` (the watches changed). vigil also
+  reads its own retained config back, so components of watches removed while it was down are
+  removed too.
 
 Connection: aiomqtt 2.5 does not reconnect by itself, so :meth:`MqttApi.run` is a loop around
 ``async with client`` with exponential backoff and jitter. The session is persistent
@@ -30,7 +38,7 @@ import socket
 import ssl
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -40,14 +48,28 @@ import paho.mqtt.client as paho
 from paho.mqtt.exception import MQTTException
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from redis.exceptions import RedisError
 
 from memory.aio import wait_set
+from memory.events import EventStore
+from memory.store import REDIS_AWAY_ERRORS
 from retrieval.answer import Answer, Question
 from streamer.backoff import backoff_delays
-from streamer.requests import RequestError, decode_request, reply_topic_problem, to_question
-from streamer.settings import MqttSettings
+from streamer.discovery import announced, components, device_config
+from streamer.events import event_payload
+from streamer.requests import (
+    AskRequest,
+    EventsQuery,
+    EventsQueryRequest,
+    RequestError,
+    decode_request,
+    reply_topic_problem,
+    to_events_query,
+    to_question,
+)
+from streamer.settings import DiscoverySettings, MqttSettings
 from streamer.timefmt import iso_time
-from streamer.topics import Topics
+from streamer.topics import HOME_ASSISTANT_PREFIX, Topics
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +95,10 @@ MAX_TRACKED_CLIENTS = 4096
 # bigger ones without sending them. Requests between max_payload_bytes and this get
 # payload_too_large (a response topic and correlation data of up to 64 KiB each fit beside them).
 MIN_MAX_PACKET_BYTES = 1 << 20
+# Home Assistant asks that discovery after its birth message wait a random delay, so that every
+# device does not publish at once (home-assistant.io/integrations/mqtt, "Birth and last will").
+DISCOVERY_JITTER_S = 1.0
+HA_ONLINE = b"online"  # Home Assistant's default birth payload
 # paho's publish results that mean the connection is gone (the reply waits in the outbox then).
 CONNECTION_RCS = frozenset({paho.MQTT_ERR_NO_CONN, paho.MQTT_ERR_CONN_LOST})
 
@@ -220,11 +246,22 @@ class MqttApi:
         tz: ZoneInfo,
         cameras: Sequence[str] | Callable[[], Sequence[str]],
         answer: AnswerFn,
+        events: EventStore | None = None,
+        discovery: DiscoverySettings | None = None,
+        watches: Callable[[], Mapping[str, Sequence[str]]] = dict,
         session_expiry_s: int = SESSION_EXPIRY_S,
         outbox_size: int = OUTBOX_SIZE,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        discovery_jitter_s: float = DISCOVERY_JITTER_S,
     ) -> None:
+        """``events``: the store ``{prefix}/events/query`` reads (None: not served). ``discovery``:
+        Home Assistant discovery (None: off, nothing published). ``watches``: the current watches,
+        name → cameras, asked each time the discovery config is built (default: none)."""
         self._settings = settings
+        self._events = events
+        self._discovery = discovery
+        self._watches = watches
+        self._discovery_jitter_s = discovery_jitter_s
         self._tz = tz
         # The names a question may use: a fixed list, or a provider asked per request (the daemon
         # adds cameras that have memory only through `vigil import`).
@@ -236,7 +273,9 @@ class MqttApi:
             self._cameras = lambda: names
         self._answer = answer
         self._drain_timeout_s = drain_timeout_s
-        self.topics = Topics(settings.topic_prefix)
+        self.topics = Topics(
+            settings.topic_prefix, discovery_prefix=discovery.prefix if discovery else HOME_ASSISTANT_PREFIX
+        )
         self.ask_topic = self.topics.ask
         self.available_topic = self.topics.available
         self.status_topic = self.topics.status
@@ -248,6 +287,12 @@ class MqttApi:
         self._outbox_size = outbox_size
         self._jobs: set[asyncio.Task[None]] = set()  # answers: these hold max_in_flight slots
         self._error_replies: set[asyncio.Task[None]] = set()  # error replies: no slot, bounded apart
+        # Discovery: component id → platform of what the retained config announces now, so that a
+        # component that goes is removed explicitly; one re-announcement pending at a time, so a
+        # flood of birth messages costs one publish.
+        self._announced: dict[str, str] = {}
+        self._discovery_lock = asyncio.Lock()
+        self._discovery_task: asyncio.Task[None] | None = None
         self._client: aiomqtt.Client | None = None  # set while connected
         self._lost = asyncio.Event()  # set when the current connection drops
         self._stopping = False
@@ -256,6 +301,8 @@ class MqttApi:
             (
                 "requests",
                 "answered",
+                "events_queried",
+                "discovery_published",
                 "errors",
                 "unanswerable",
                 "bad_reply_topic",
@@ -369,6 +416,12 @@ class MqttApi:
         """Subscribe, re-publish retained state and queued replies, then announce ``online``."""
         self.counters["connects"] += 1
         await client.subscribe(self.ask_topic, qos=QOS)
+        if self._events is not None:
+            await client.subscribe(self.topics.events_query, qos=QOS)
+        if self._discovery_on:
+            # The retained config comes back first: what it announces that is gone now is removed.
+            await client.subscribe(self._discovery_topic, qos=QOS)
+            await client.subscribe(self.topics.discovery_status, qos=QOS)
         self._lost = asyncio.Event()
         self._client = client
         for camera, payload in list(self._states.items()):
@@ -376,6 +429,11 @@ class MqttApi:
         if self._status is not None:
             await client.publish(self.status_topic, self._status, qos=QOS, retain=True)
         await self._flush_outbox()
+        if self._discovery_on:
+            await self._publish_discovery(client)
+        elif self._discovery is not None:
+            # Turned off: an empty retained config makes Home Assistant remove the device.
+            await client.publish(self._discovery_topic, b"", qos=QOS, retain=True)
         await client.publish(self.available_topic, b"online", qos=QOS, retain=True)
         log.info(
             "MQTT connected to %s:%d as %s; serving %s",
@@ -403,8 +461,21 @@ class MqttApi:
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            if message.topic.matches(self.ask_topic):
-                self._dispatch(message)
+            self._route(message)
+
+    def _route(self, message: aiomqtt.Message) -> None:
+        """Hand one received message to its handler; never raises for any payload."""
+        topic = message.topic
+        if topic.matches(self.ask_topic):
+            self._dispatch(message, AskRequest)
+        elif self._events is not None and topic.matches(self.topics.events_query):
+            self._dispatch(message, EventsQueryRequest)
+        elif self._discovery_on and not self._stopping:
+            if topic.matches(self.topics.discovery_status):
+                if message.payload == HA_ONLINE:
+                    self._announce_soon(self._discovery_jitter_s * self._rng.random())
+            elif topic.matches(self._discovery_topic):
+                self._read_back(message.payload)
 
     async def _shutdown(self, client: aiomqtt.Client) -> None:
         """Staged stop: no new questions, running answers finish (with a deadline), go offline.
@@ -417,8 +488,7 @@ class MqttApi:
         messages = client.messages
         for _ in range(len(messages)):
             message = await anext(messages)  # already queued: does not wait
-            if message.topic.matches(self.ask_topic):
-                self._dispatch(message)
+            self._route(message)
         if self._jobs or self._error_replies:
             log.info("waiting up to %.0f s for %d answer(s) in flight", self._drain_timeout_s, len(self._jobs))
             await asyncio.wait({*self._jobs, *self._error_replies}, timeout=self._drain_timeout_s)
@@ -428,6 +498,8 @@ class MqttApi:
 
     async def _cancel_jobs(self) -> None:
         tasks = [*self._jobs, *self._error_replies]
+        if self._discovery_task is not None:
+            tasks.append(self._discovery_task)
         for task in tasks:
             task.cancel()
         if tasks:
@@ -461,6 +533,79 @@ class MqttApi:
             await client.publish(self.status_topic, payload, qos=QOS, retain=True, timeout=CONNECT_TIMEOUT_S)
         except aiomqtt.MqttError as exc:
             log.debug("status not published now (%s); will be after reconnect", exc)
+
+    @property
+    def _discovery_on(self) -> bool:
+        return self._discovery is not None and self._discovery.enabled
+
+    @property
+    def _node_id(self) -> str:
+        assert self._discovery is not None
+        return self._discovery.node_id_for(self._settings.client_id)
+
+    @property
+    def _discovery_topic(self) -> str:
+        return self.topics.discovery_config(self._node_id)
+
+    async def publish_discovery(self) -> None:
+        """Announce the device with the current watches and cameras now (retained), removing the
+        components of watches that are gone. Call it when the watches change. Without a connection
+        it does nothing: every connect announces again."""
+        client = self._client
+        if client is None or not self._discovery_on:
+            return
+        try:
+            await self._publish_discovery(client)
+        except PUBLISH_ERRORS as exc:
+            log.warning("discovery config not published now (%s: %s); will be after reconnect", type(exc).__name__, exc)
+
+    async def _publish_discovery(self, client: aiomqtt.Client) -> None:
+        """Publish the device config; a component that went is first sent alone as ``{"platform": P}``."""
+        node_id = self._node_id
+        async with self._discovery_lock:
+            cameras, watches = list(self._cameras()), dict(self._watches())
+            config = device_config(self.topics, node_id, cameras=cameras, watches=watches, removed=self._announced)
+            if any(set(comp) == {"platform"} for comp in config["components"].values()):
+                await self._publish_config(client, config)
+                config = device_config(self.topics, node_id, cameras=cameras, watches=watches)
+            await self._publish_config(client, config)
+            self._announced = {cid: comp["platform"] for cid, comp in config["components"].items()}
+            self.counters["discovery_published"] += 1
+
+    async def _publish_config(self, client: aiomqtt.Client, config: dict[str, Any]) -> None:
+        payload = json.dumps(config, separators=(",", ":")).encode()
+        await client.publish(self._discovery_topic, payload, qos=QOS, retain=True, timeout=CONNECT_TIMEOUT_S)
+
+    def _announce_soon(self, delay_s: float) -> None:
+        """Publish the discovery config after ``delay_s``, unless a publish is pending already."""
+        if self._discovery_task is not None and not self._discovery_task.done():
+            return
+
+        async def announce() -> None:
+            await asyncio.sleep(delay_s)
+            await self.publish_discovery()
+
+        self._discovery_task = asyncio.create_task(announce(), name="mqtt:discovery")
+
+    def _read_back(self, payload: object) -> None:
+        """Our retained config as the broker has it: components it announces that are gone now
+        (a watch removed while vigil was down) are remembered for removal and removed."""
+        if not isinstance(payload, bytes | bytearray) or not payload:
+            return
+        try:
+            config = json.loads(payload)
+        except (ValueError, RecursionError):  # anyone may publish there: bad JSON is ignored
+            self._throttle.log("discovery_read_back", logging.WARNING, "unreadable discovery config ignored")
+            return
+        found = announced(config)
+        current = components(self.topics, self._node_id, list(self._cameras()), dict(self._watches()))
+        stale = {cid: platform for cid, platform in found.items() if cid not in current}
+        if stale:
+            log.info(
+                "discovery: removing %d component(s) of an earlier config: %s", len(stale), ", ".join(sorted(stale))
+            )
+            self._announced.update(stale)
+            self._announce_soon(0.0)
 
     async def _send(self, out: _Outgoing) -> None:
         """Publish now, or keep it in the outbox until the next connection.
@@ -533,8 +678,8 @@ class MqttApi:
 
     # ------------------------------------------------------------------ requests
 
-    def _dispatch(self, message: aiomqtt.Message) -> None:
-        """Validate a request and start its answer job, or reply with the error at once.
+    def _dispatch(self, message: aiomqtt.Message, schema: type[AskRequest] | type[EventsQueryRequest]) -> None:
+        """Validate a request (a question or an event query) and start its job, or reply with the error at once.
 
         Never raises for any payload or properties: a request is answered, refused with an
         error reply, or dropped and counted (no usable reply address, rate limit, error flood).
@@ -545,7 +690,7 @@ class MqttApi:
         props = message.properties
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
-        request = decode_request(bytes(raw), max_bytes=self._settings.max_payload_bytes)
+        request = decode_request(bytes(raw), max_bytes=self._settings.max_payload_bytes, schema=schema)
         reply_topic = response_topic if response_topic is not None else request.reply_to
         if reply_topic is None:
             self.counters["unanswerable"] += 1
@@ -583,18 +728,26 @@ class MqttApi:
         try:
             if request.error is not None:
                 raise request.error
-            assert request.ask is not None
-            question = to_question(request.ask, tz=self._tz, cameras=self._cameras())
+            job: Coroutine[Any, Any, None]
+            if isinstance(request.body, EventsQueryRequest):
+                query = to_events_query(request.body, tz=self._tz, cameras=self._cameras())
+                job = self._query_job(query, to)
+            else:
+                assert request.ask is not None
+                question = to_question(request.ask, tz=self._tz, cameras=self._cameras())
+                job = self._job(question, to)
             if self._stopping:
+                job.close()
                 raise RequestError("shutdown", "vigil is stopping; ask again when it is back online")
             if len(self._jobs) >= self._settings.max_in_flight:
+                job.close()
                 raise RequestError(
-                    "busy", f"{len(self._jobs)} questions are being answered (max_in_flight); ask again later"
+                    "busy", f"{len(self._jobs)} requests are being answered (max_in_flight); ask again later"
                 )
         except RequestError as exc:
             self._refuse(to, exc)
             return
-        task = asyncio.ensure_future(self._job(question, to))
+        task = asyncio.ensure_future(job)
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
 
@@ -648,3 +801,34 @@ class MqttApi:
             body = {"done": True, "seq": seq, **body}
         self.counters["answered"] += 1
         await self._reply(to, body)
+
+    async def _query_job(self, query: EventsQuery, to: ReplyTo) -> None:
+        """Read the events of one query and reply; every outcome, failure included, is replied."""
+        assert self._events is not None
+        try:
+            async with asyncio.timeout(self._settings.answer_timeout_s):
+                events = await self._events.query(
+                    camera=query.camera,
+                    watch=query.watch,
+                    after_s=query.after_s,
+                    before_s=query.before_s,
+                    limit=query.limit,
+                )
+        except TimeoutError:
+            await self._fail(to, "timeout", f"no events read within {self._settings.answer_timeout_s:g} s")
+            return
+        except REDIS_AWAY_ERRORS as exc:
+            await self._fail(
+                to, "unavailable", f"the event store is unreachable ({type(exc).__name__}); ask again later"
+            )
+            return
+        except RedisError as exc:
+            log.error("event query failed: %s: %s", type(exc).__name__, exc)
+            await self._fail(to, "internal", f"reading events failed: {type(exc).__name__}")
+            return
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await self._fail(to, "shutdown", "vigil is shutting down")
+            raise
+        self.counters["events_queried"] += 1
+        await self._reply(to, {"events": [event_payload(event, self._tz) for event in events]})

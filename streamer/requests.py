@@ -7,7 +7,8 @@ scan that refuses nesting deeper than ``MAX_DEPTH`` (Python's json recurses: a 1
 raised RecursionError), then ``json.loads`` with an integer hook that refuses more than
 ``MAX_INT_DIGITS`` digits (CPython refuses to convert over 4,300 digits with ValueError,
 https://github.com/python/cpython/issues/95778, and converting fewer is still quadratic), then
-the :class:`AskRequest` schema. :func:`decode_request` never raises: the result holds either the
+the request's schema (:class:`AskRequest` on ``{prefix}/ask``, :class:`EventsQueryRequest` on
+``{prefix}/events/query``). :func:`decode_request` never raises: the result holds either the
 request or a :class:`RequestError`, plus whatever reply address and id could be read so the
 error can be answered.
 
@@ -22,7 +23,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, TypeAlias
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
@@ -42,6 +43,9 @@ MAX_ID_INT = 2**63  # |id| below this: what a 64-bit requester can match against
 MAX_FIELD_NAME_CHARS = 64  # of a field name quoted in an error message
 MAX_TOPIC_BYTES = 65535  # MQTT topic names are length-prefixed with two bytes
 MAX_TOP_K = 64  # same bound as RetrievalSettings.top_k
+# Events one query returns: about 450 bytes each, so a full reply stays near 0.5 MB.
+MAX_EVENTS_LIMIT = 1000
+DEFAULT_EVENTS_LIMIT = 100
 SNIFF_BYTES = 4096  # of an oversized payload, only this much is searched for reply_to and id
 # Bounded patterns over the first SNIFF_BYTES: a JSON string of limited length with escapes.
 _SNIFF_REPLY_TO = re.compile(rb'"reply_to"\s*:\s*"((?:[^"\\]|\\.){1,1024})"')
@@ -99,17 +103,56 @@ class AskRequest(BaseModel):
     @field_validator("cameras", "after", "before", "reply_to")
     @classmethod
     def _text(cls, value: object) -> object:
-        for text in value if isinstance(value, list) else [value]:
-            if isinstance(text, str):
-                _no_surrogates(text)
-        return value
+        return _texts_valid(value)
 
     @field_validator("id")
     @classmethod
     def _id(cls, value: object) -> object:
-        if echoable_id(value) is None and value is not None:
-            raise ValueError(f"must be a string of at most {MAX_ID_CHARS} characters or a finite number below 2**63")
-        return value
+        return _id_valid(value)
+
+
+def _texts_valid(value: object) -> object:
+    """``value`` (text or a list of texts) if every text is valid Unicode; raise ValueError otherwise."""
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str):
+            _no_surrogates(text)
+    return value
+
+
+def _id_valid(value: object) -> object:
+    """``value`` if it can be echoed as a v3.1.1 reply's ``id`` (or is absent); raise ValueError otherwise."""
+    if echoable_id(value) is None and value is not None:
+        raise ValueError(f"must be a string of at most {MAX_ID_CHARS} characters or a finite number below 2**63")
+    return value
+
+
+class EventsQueryRequest(BaseModel):
+    """An event query as it arrives on ``{prefix}/events/query`` (docs/api.md, Events). Unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    camera: CameraName | None = Field(default=None, description="Only this camera's events; absent: every camera.")
+    watch: CameraName | None = Field(default=None, description="Only this watch's events; absent: every watch.")
+    after: TimeText | None = Field(default=None, description="Events reaching past this time (ISO 8601).")
+    before: TimeText | None = Field(default=None, description="Events starting before this time (ISO 8601).")
+    limit: int = Field(
+        default=DEFAULT_EVENTS_LIMIT, ge=1, le=MAX_EVENTS_LIMIT, description="At most this many, earliest first."
+    )
+    reply_to: str | None = Field(default=None, description="v3.1.1 reply topic (v5 uses the Response Topic).")
+    id: str | int | float | None = Field(default=None, description="v3.1.1: echoed in every reply.")
+
+    @field_validator("camera", "watch", "after", "before", "reply_to")
+    @classmethod
+    def _text(cls, value: object) -> object:
+        return _texts_valid(value)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: object) -> object:
+        return _id_valid(value)
+
+
+RequestBody: TypeAlias = AskRequest | EventsQueryRequest
 
 
 def echoable_id(value: object) -> str | int | float | None:
@@ -135,10 +178,15 @@ def echoable_id(value: object) -> str | int | float | None:
 class Request:
     """What :func:`decode_request` found: the request or the error, and where to reply in any case."""
 
-    ask: AskRequest | None
+    body: RequestBody | None  # of the schema decode_request was given
     error: RequestError | None
     reply_to: str | None  # the body's reply_to, if it is a string (its validity is checked apart)
     request_id: str | int | float | None  # the body's id, if it may be echoed
+
+    @property
+    def ask(self) -> AskRequest | None:
+        """The body, when it is a question."""
+        return self.body if isinstance(self.body, AskRequest) else None
 
 
 def _too_deep(raw: bytes, max_depth: int) -> bool:
@@ -218,8 +266,10 @@ def _unparsed(raw: bytes, message: str) -> Request:
     return Request(None, RequestError("bad_json", message), reply_to, request_id)
 
 
-def decode_request(raw: bytes, *, max_bytes: int) -> Request:
-    """Raw payload → :class:`Request`. Never raises; the cost is linear in ``min(len(raw), max_bytes)``."""
+def decode_request(
+    raw: bytes, *, max_bytes: int, schema: type[AskRequest] | type[EventsQueryRequest] = AskRequest
+) -> Request:
+    """Raw payload → :class:`Request` of ``schema``. Never raises; costs linear in ``min(len(raw), max_bytes)``."""
     if len(raw) > max_bytes:
         reply_to, request_id = _sniff(raw)
         return Request(
@@ -245,10 +295,10 @@ def decode_request(raw: bytes, *, max_bytes: int) -> Request:
     reply_to = reply_to if isinstance(reply_to, str) else None
     request_id = echoable_id(body.get("id"))
     try:
-        ask = AskRequest.model_validate(body)
+        parsed = schema.model_validate(body)
     except ValidationError as exc:
         return Request(None, RequestError("bad_request", _first_error(exc)), reply_to, request_id)
-    return Request(ask, None, reply_to, request_id)
+    return Request(parsed, None, reply_to, request_id)
 
 
 def resolve_cameras(requested: Sequence[str] | None, known: Sequence[str]) -> list[str] | None:
@@ -276,6 +326,36 @@ def to_question(ask: AskRequest, *, tz: ZoneInfo, cameras: Sequence[str]) -> Que
         before_s=before_s,
         top_k=ask.top_k,
         stream=ask.stream,
+    )
+
+
+@dataclass(frozen=True)
+class EventsQuery:
+    """A validated event query: filters in vigil's terms (UTC epoch seconds, configured names)."""
+
+    camera: str | None
+    watch: str | None
+    after_s: float | None
+    before_s: float | None
+    limit: int
+
+
+def to_events_query(req: EventsQueryRequest, *, tz: ZoneInfo, cameras: Sequence[str]) -> EventsQuery:
+    """A schema-valid event query → :class:`EventsQuery`; raises :class:`RequestError` (unknown camera, bad time).
+
+    A watch is not checked against the current watches: a removed watch's events stay queryable.
+    """
+    try:
+        after_s, before_s = parse_window(req.after, req.before, tz)
+    except BadTimeError as exc:
+        raise RequestError("bad_time", str(exc)) from exc
+    resolved = resolve_cameras([req.camera] if req.camera is not None else None, cameras)
+    return EventsQuery(
+        camera=resolved[0] if resolved else None,
+        watch=None if req.watch is None else req.watch.strip().lower(),
+        after_s=after_s,
+        before_s=before_s,
+        limit=req.limit,
     )
 
 

@@ -339,6 +339,49 @@ class MqttSettings(_Strict):
         return value
 
 
+# Home Assistant's rule for the <node_id>/<object_id> levels of a discovery topic
+# (home-assistant.io/integrations/mqtt, "Discovery topic").
+DISCOVERY_ID_MAX_CHARS = 64
+DISCOVERY_ID_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{DISCOVERY_ID_MAX_CHARS}}}")
+
+
+class DiscoverySettings(_Strict):
+    """Home Assistant MQTT discovery: vigil announces itself as one device (docs/homeassistant.md).
+
+    On by default, as in the other MQTT tools Home Assistant users run (Zigbee2MQTT, ESPHome,
+    Tasmota): the device appears without setup in Home Assistant and costs nothing without it
+    (a few retained messages under the prefix, which nobody else reads).
+    """
+
+    enabled: bool = Field(default=True, description="Publish the retained device discovery config.")
+    prefix: str = Field(default="homeassistant", description="Home Assistant's discovery prefix (its own default).")
+    node_id: str | None = Field(
+        default=None,
+        description="Device id in the discovery topic and unique ids; null: mqtt.client_id (unique per instance).",
+    )
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not TOPIC_PREFIX_RE.fullmatch(value):
+            raise ValueError("must be topic levels of letters, digits, '_' or '-' joined by '/'")
+        return value
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, value: str | None) -> str | None:
+        if value is not None and not DISCOVERY_ID_RE.fullmatch(value):
+            raise ValueError("must be 1-64 letters, digits, '_' or '-' (Home Assistant's rule for discovery ids)")
+        return value
+
+    def node_id_for(self, client_id: str) -> str:
+        """The device id: ``node_id``, else the MQTT client id (already unique per instance on a
+        broker) with every character Home Assistant does not allow replaced by '_'."""
+        if self.node_id is not None:
+            return self.node_id
+        return re.sub(r"[^A-Za-z0-9_-]", "_", client_id)[:DISCOVERY_ID_MAX_CHARS] or "vigil"
+
+
 class RedisSettings(_Strict):
     """Redis, where the compressed memory lives (the source of truth)."""
 
@@ -460,6 +503,9 @@ class Settings(_Strict):
     timezone: str = Field(default="UTC", description="IANA zone for naive times in questions and times in answers.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Logging threshold.")
     mqtt: MqttSettings = Field(default_factory=MqttSettings, description="Broker connection and question API.")
+    discovery: DiscoverySettings = Field(
+        default_factory=DiscoverySettings, description="Home Assistant MQTT discovery."
+    )
     redis: RedisSettings = Field(default_factory=RedisSettings, description="Memory store.")
     models: ModelSettings = Field(default_factory=ModelSettings, description="Models.")
     compression: CompressionSettings = Field(default_factory=CompressionSettings, description="Token compression.")

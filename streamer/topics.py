@@ -12,7 +12,10 @@ Layout (``P`` is ``mqtt.topic_prefix``, ``C`` a camera name):
 | ``P/watches/...`` | reserved | for standing questions (not served yet) |
 | ``P/events/...`` | reserved | for event notifications (not published yet) |
 | ``P/nodes/...`` | reserved | for multi-node setups (not used yet) |
-| ``homeassistant/...`` | reserved | Home Assistant MQTT discovery (not published yet) |
+| ``P/events/query`` | client → vigil | no: event queries, answered like questions |
+| ``homeassistant/...`` | reserved | Home Assistant MQTT discovery (streamer/discovery.py; the configured prefix too) |
+| ``D/device/N/config`` | vigil → Home Assistant | yes: the device discovery config (``D`` discovery prefix) |
+| ``D/status`` | Home Assistant → vigil | Home Assistant's birth (``online``): vigil announces again |
 
 Replies go to the topic the requester names (v5 Response Topic or v3.1.1 ``reply_to``); that
 topic must lie outside :meth:`Topics.reserved_filters` (streamer/requests.py checks it), so a
@@ -34,6 +37,8 @@ class Topics:
     """Topic names under one prefix."""
 
     prefix: str
+    # The configured Home Assistant discovery prefix: reserved like the default one.
+    discovery_prefix: str = HOME_ASSISTANT_PREFIX
 
     @property
     def available(self) -> str:
@@ -67,6 +72,33 @@ class Topics:
             return name if "/" not in name else None
         return None
 
+    def watch_state(self, watch: str) -> str:
+        """Retained ``ON`` / ``OFF`` of one watch."""
+        return f"{self.prefix}/watches/{watch}/state"
+
+    def watch_attributes(self, watch: str) -> str:
+        """Retained JSON attributes of one watch (latest score, camera, settings)."""
+        return f"{self.prefix}/watches/{watch}/attributes"
+
+    @property
+    def events(self) -> str:
+        """Where watch events are published (not retained)."""
+        return f"{self.prefix}/events"
+
+    @property
+    def events_query(self) -> str:
+        """Where event queries arrive (request/response like ``ask``)."""
+        return f"{self.prefix}/events/query"
+
+    def discovery_config(self, node_id: str) -> str:
+        """Retained Home Assistant device discovery config of vigil's device ``node_id``."""
+        return f"{self.discovery_prefix}/device/{node_id}/config"
+
+    @property
+    def discovery_status(self) -> str:
+        """Home Assistant's birth and will (``online`` / ``offline``) under the discovery prefix."""
+        return f"{self.discovery_prefix}/status"
+
     def cli_reply(self, token: str) -> str:
         """Where ``vigil ask`` waits for its reply (a requester's topic, so not reserved)."""
         return f"{self.prefix}/replies/{token}"
@@ -79,7 +111,7 @@ class Topics:
             self.status,
             f"{self.prefix}/cameras/#",
             *(f"{self.prefix}/{sub}/#" for sub in RESERVED_SUBTREES),
-            f"{HOME_ASSISTANT_PREFIX}/#",
+            *dict.fromkeys((f"{HOME_ASSISTANT_PREFIX}/#", f"{self.discovery_prefix}/#")),
         )
 
 

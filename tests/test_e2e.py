@@ -203,6 +203,13 @@ async def test_serve_answers_questions_over_mqtt_v5_and_v311(
         [again] = await ask_v5(broker, prefix, {"question": "And now?"})
         assert "answer" in again
 
+        # Home Assistant discovery: the device config is retained, with a sensor for the camera
+        # (the daemon's client id is the prefix, so it is the device id too).
+        topic = f"homeassistant/device/{prefix}/config"
+        config = json.loads((await retained(*broker, topic))[topic])
+        assert config["components"]["camera_lot"]["state_topic"] == f"{prefix}/cameras/lot/state"
+        assert config["availability_topic"] == f"{prefix}/available"
+
 
 async def test_sigterm_stores_every_sampled_chunk(
     prefix: str,

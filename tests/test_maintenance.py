@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from memory.events import Event, EventStore
 from memory.index import VectorIndex
 from memory.store import ChunkMeta, MemoryStore
 from streamer.maintenance import SECONDS_PER_DAY, Maintenance
@@ -63,3 +64,32 @@ async def test_run_saves_a_changed_index_and_returns_on_stop(redis_client: Any, 
     assert index.path.stat().st_mtime_ns == saved  # unchanged: not written again
     stop.set()
     await asyncio.wait_for(task, 2.0)
+
+
+async def test_retention_prunes_events_with_the_chunks_cutoff(redis_client: Any, prefix: str, tmp_path: Path) -> None:
+    store = MemoryStore(redis_client, key_prefix=prefix)
+    events = EventStore(redis_client, key_prefix=prefix)
+    index = IndexFile(VectorIndex(DIM), tmp_path / "index.npz")
+    now_s = time.time()
+    old_chunk = await put(store, index.index, "front", now_s - 3 * SECONDS_PER_DAY)
+
+    def event(name: str, camera: str, start_s: float, end_s: float | None) -> Event:
+        return Event(name, "person", camera, start_s, end_s, 0.7, 0.9, None)
+
+    ended_long_ago = event("old", "front", now_s - 3 * SECONDS_PER_DAY, now_s - 3 * SECONDS_PER_DAY + 30)
+    recent = event("recent", "front", now_s - 600, now_s - 500)
+    ongoing = event("ongoing", "front", now_s - 3 * SECONDS_PER_DAY, None)  # still going: kept
+    # "back" keeps memory for a week: the same age is inside its retention.
+    back = event("back", "back", now_s - 3 * SECONDS_PER_DAY, now_s - 3 * SECONDS_PER_DAY + 30)
+    for e in (ended_long_ago, recent, ongoing, back):
+        await events.put(e)
+    # "side" has a damaged event index: its chunks' retention still runs.
+    side_chunk = await put(store, index.index, "side", now_s - 3 * SECONDS_PER_DAY)
+    await redis_client.set(events.keys.event_ends("side"), b"not a sorted set")
+
+    maintenance = Maintenance(store, index, {"front": 1.0, "back": 7.0, "side": 1.0}, events=events)
+    assert await maintenance.apply_retention(now_s) == 2  # front's and side's old chunks
+    assert old_chunk.chunk_id not in index.index
+    assert side_chunk.chunk_id not in index.index
+    assert await events.query(camera="front") == [ongoing, recent]
+    assert await events.query(camera="back") == [back]

@@ -129,14 +129,16 @@ class Requester:
             async for message in self.client.messages:
                 self.replies.put_nowait(message)
 
-    async def ask(self, body: dict[str, Any] | bytes, correlation: bytes | None = None) -> None:
+    async def ask(
+        self, body: dict[str, Any] | bytes, correlation: bytes | None = None, topic: str | None = None
+    ) -> None:
         payload = body if isinstance(body, bytes) else json.dumps(body).encode()
         props = None
         if self.v5:
             props = Properties(PacketTypes.PUBLISH)
             props.ResponseTopic = self.reply_topic
             props.CorrelationData = correlation or uuid.uuid4().bytes
-        await self.client.publish(Topics(self.prefix).ask, payload, qos=1, properties=props)
+        await self.client.publish(topic or Topics(self.prefix).ask, payload, qos=1, properties=props)
 
     async def reply(self) -> tuple[dict[str, Any], aiomqtt.Message]:
         message = await asyncio.wait_for(self.replies.get(), WAIT_S)

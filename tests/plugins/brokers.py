@@ -17,6 +17,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from streamer.topics import HOME_ASSISTANT_PREFIX
 from tests.plugins.net import accepts, free_port
 
 
@@ -43,9 +44,11 @@ async def clear_retained(host: str, port: int, prefix: str) -> None:
 
 @pytest.fixture
 async def broker(mqtt_broker: tuple[str, int], prefix: str) -> AsyncIterator[tuple[str, int]]:
-    """The shared broker; this test's retained topics are cleared afterwards."""
+    """The shared broker; this test's retained topics are cleared afterwards, with the Home
+    Assistant discovery config of a daemon whose client id is the prefix (tests/test_e2e.py)."""
     yield mqtt_broker
     await clear_retained(*mqtt_broker, prefix)
+    await clear_retained(*mqtt_broker, f"{HOME_ASSISTANT_PREFIX}/device/{prefix}")
 
 
 class PrivateBroker:
