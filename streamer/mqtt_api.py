@@ -32,7 +32,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 import aiomqtt
@@ -44,7 +44,7 @@ from paho.mqtt.properties import Properties
 from memory.aio import wait_set
 from retrieval.answer import Answer, Question
 from streamer.backoff import backoff_delays
-from streamer.requests import RequestError, decode_request, reply_topic_problem, to_question
+from streamer.requests import RequestError, decode_object, decode_request, reply_topic_problem, to_question
 from streamer.settings import MqttSettings
 from streamer.timefmt import iso_time
 from streamer.topics import Topics
@@ -52,6 +52,15 @@ from streamer.topics import Topics
 log = logging.getLogger(__name__)
 
 AnswerFn = Callable[[Question, Callable[[str], Awaitable[None]] | None], Awaitable[Answer]]
+
+
+class WatchControl(Protocol):
+    """What the API asks of the watches (streamer/watch_service.py) for ``{prefix}/watches/NAME/set``."""
+
+    async def apply(self, name: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        """Add or change (``body``) or remove (None) a watch; the reply body, or RequestError."""
+        ...
+
 
 QOS = 1  # questions, answers and retained state: at least once (see the module docstring)
 RECONNECT_INITIAL_S = 0.5  # first retry comes fast: a broker restart takes about a second
@@ -248,6 +257,9 @@ class MqttApi:
         self._outbox_size = outbox_size
         self._jobs: set[asyncio.Task[None]] = set()  # answers: these hold max_in_flight slots
         self._error_replies: set[asyncio.Task[None]] = set()  # error replies: no slot, bounded apart
+        self._watches: WatchControl | None = None  # set by serve_watches()
+        self._watch_jobs: set[asyncio.Task[None]] = set()  # watch changes being applied (bounded apart)
+        self._retained: dict[str, bytes] = {}  # watch topics → retained payload (b"": cleared)
         self._client: aiomqtt.Client | None = None  # set while connected
         self._lost = asyncio.Event()  # set when the current connection drops
         self._stopping = False
@@ -266,6 +278,8 @@ class MqttApi:
                 "outbox_dropped",
                 "inbox_dropped",
                 "connects",
+                "watch_sets",
+                "watch_sets_dropped",
             ),
             0,
         )
@@ -369,10 +383,14 @@ class MqttApi:
         """Subscribe, re-publish retained state and queued replies, then announce ``online``."""
         self.counters["connects"] += 1
         await client.subscribe(self.ask_topic, qos=QOS)
+        if self._watches is not None:
+            await client.subscribe(self.topics.watch_sets, qos=QOS)
         self._lost = asyncio.Event()
         self._client = client
         for camera, payload in list(self._states.items()):
             await client.publish(self.topics.camera_state(camera), payload, qos=QOS, retain=True)
+        for topic, payload in list(self._retained.items()):
+            await client.publish(topic, payload, qos=QOS, retain=True)
         if self._status is not None:
             await client.publish(self.status_topic, self._status, qos=QOS, retain=True)
         await self._flush_outbox()
@@ -403,8 +421,13 @@ class MqttApi:
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            if message.topic.matches(self.ask_topic):
-                self._dispatch(message)
+            self._route(message)
+
+    def _route(self, message: aiomqtt.Message) -> None:
+        if message.topic.matches(self.ask_topic):
+            self._dispatch(message)
+        elif self._watches is not None and message.topic.matches(self.topics.watch_sets):
+            self._dispatch_watch(message)
 
     async def _shutdown(self, client: aiomqtt.Client) -> None:
         """Staged stop: no new questions, running answers finish (with a deadline), go offline.
@@ -417,17 +440,16 @@ class MqttApi:
         messages = client.messages
         for _ in range(len(messages)):
             message = await anext(messages)  # already queued: does not wait
-            if message.topic.matches(self.ask_topic):
-                self._dispatch(message)
-        if self._jobs or self._error_replies:
+            self._route(message)
+        if self._jobs or self._error_replies or self._watch_jobs:
             log.info("waiting up to %.0f s for %d answer(s) in flight", self._drain_timeout_s, len(self._jobs))
-            await asyncio.wait({*self._jobs, *self._error_replies}, timeout=self._drain_timeout_s)
+            await asyncio.wait({*self._jobs, *self._error_replies, *self._watch_jobs}, timeout=self._drain_timeout_s)
         await self._cancel_jobs()
         with contextlib.suppress(aiomqtt.MqttError):
             await client.publish(self.available_topic, b"offline", qos=QOS, retain=True)
 
     async def _cancel_jobs(self) -> None:
-        tasks = [*self._jobs, *self._error_replies]
+        tasks = [*self._jobs, *self._error_replies, *self._watch_jobs]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -461,6 +483,26 @@ class MqttApi:
             await client.publish(self.status_topic, payload, qos=QOS, retain=True, timeout=CONNECT_TIMEOUT_S)
         except aiomqtt.MqttError as exc:
             log.debug("status not published now (%s); will be after reconnect", exc)
+
+    async def publish_retained(self, topic: str, payload: bytes) -> None:
+        """Retain ``payload`` on a watch topic now if connected, and after every reconnect.
+
+        An empty payload clears the topic (MQTT deletes a retained message that way); it is sent
+        again after reconnects too, which is harmless and covers a clear made while away.
+        """
+        self._retained[topic] = payload
+        client = self._client
+        if client is None:
+            return
+        try:
+            await client.publish(topic, payload, qos=QOS, retain=True, timeout=CONNECT_TIMEOUT_S)
+        except aiomqtt.MqttError as exc:
+            log.debug("%s not published now (%s); will be after reconnect", topic, exc)
+
+    async def publish_event(self, body: dict[str, Any]) -> None:
+        """One watch event on ``{prefix}/events``; held in the outbox while the broker is away."""
+        payload = json.dumps(body, separators=(",", ":")).encode()
+        await self._send(_Outgoing(self.topics.events, payload, None))
 
     async def _send(self, out: _Outgoing) -> None:
         """Publish now, or keep it in the outbox until the next connection.
@@ -648,3 +690,82 @@ class MqttApi:
             body = {"done": True, "seq": seq, **body}
         self.counters["answered"] += 1
         await self._reply(to, body)
+
+    # ------------------------------------------------------------------ watches
+
+    def serve_watches(self, control: WatchControl) -> None:
+        """Serve ``{prefix}/watches/NAME/set`` with ``control`` (call before :meth:`run`)."""
+        self._watches = control
+
+    def _dispatch_watch(self, message: aiomqtt.Message) -> None:
+        """Validate a watch change and apply it, replying when the request names a reply address.
+
+        Same rules as a question: bounded decoding, reply addresses checked, per-requester rate
+        limit. An empty payload removes the watch; then only a v5 Response Topic can get the reply.
+        A request without a reply address is still applied when valid; an invalid one is logged
+        and counted (``unanswerable``). Never raises for any payload.
+        """
+        self.counters["requests"] += 1
+        self.counters["watch_sets"] += 1
+        name = self.topics.watch_of_set(str(message.topic)) or ""
+        payload = message.payload
+        raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode("utf-8", "replace")
+        props = message.properties
+        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        body: dict[str, Any] | None = None
+        error: RequestError | None = None
+        reply_topic, request_id = response_topic, None
+        if raw:
+            found = decode_object(bytes(raw), max_bytes=self._settings.max_payload_bytes)
+            body, error = found.body, found.error
+            reply_topic = response_topic if response_topic is not None else found.reply_to
+            request_id = found.request_id
+        to: ReplyTo | None = None
+        if reply_topic is not None:
+            problem = reply_topic_problem(reply_topic, self.topics, self._settings.reply_topics)
+            if problem is not None:
+                self.counters["bad_reply_topic"] += 1
+                self._throttle.log(
+                    "bad_reply_topic", logging.WARNING, "watch change on %s dropped: %s (%r)",
+                    message.topic, problem, str(reply_topic)[:200],
+                )  # fmt: skip
+                return
+            to = ReplyTo(reply_topic, correlation if isinstance(correlation, bytes) else None, request_id)
+        if not self._rates.take(reply_topic or self.topics.watch_sets, time.monotonic()):
+            self.counters["rate_limited"] += 1
+            error = RequestError("busy", f"more than {self._settings.client_rate_per_s:g} requests/s; slow down")
+        elif self._stopping:
+            error = RequestError("shutdown", "vigil is stopping; change the watch when it is back online")
+        elif len(self._watch_jobs) >= MAX_PENDING_ERRORS:
+            self.counters["watch_sets_dropped"] += 1
+            error = RequestError("busy", f"{len(self._watch_jobs)} watch changes pending; try again later")
+        if error is not None:
+            self._refuse_watch(to, name, error)
+            return
+        task = asyncio.ensure_future(self._watch_job(name, body, to))
+        self._watch_jobs.add(task)
+        task.add_done_callback(self._watch_jobs.discard)
+
+    def _refuse_watch(self, to: ReplyTo | None, name: str, error: RequestError) -> None:
+        if to is not None:
+            self._refuse(to, error)
+            return
+        self.counters["unanswerable"] += 1
+        self._throttle.log(
+            "watch_unanswerable", logging.WARNING, "watch change of %r refused, and it has no reply address: %s: %s",
+            name[:70], error.code, error.message,
+        )  # fmt: skip
+
+    async def _watch_job(self, name: str, body: dict[str, Any] | None, to: ReplyTo | None) -> None:
+        assert self._watches is not None
+        try:
+            reply = await self._watches.apply(name, body)
+        except RequestError as exc:
+            if to is None:
+                self._refuse_watch(None, name, exc)
+            else:
+                await self._fail(to, exc.code, exc.message)
+            return
+        if to is not None:
+            await self._reply(to, reply)

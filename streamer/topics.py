@@ -9,8 +9,11 @@ Layout (``P`` is ``mqtt.topic_prefix``, ``C`` a camera name):
 | ``P/status`` | vigil → all | yes: health and counters |
 | ``P/cameras/C/state`` | vigil → all | yes: a camera's state |
 | ``P/replies/...`` | vigil → ``vigil ask`` | no: the CLI's reply topics (not reserved) |
-| ``P/watches/...`` | reserved | for standing questions (not served yet) |
-| ``P/events/...`` | reserved | for event notifications (not published yet) |
+| ``P/watches/W/set`` | client → vigil | no: add, change (JSON) or remove (empty) watch ``W`` |
+| ``P/watches/W/state`` | vigil → all | yes: ``ON`` while an event of watch ``W`` is on, else ``OFF`` |
+| ``P/watches/W/attributes`` | vigil → all | yes: watch ``W``'s latest score, camera, settings (JSON) |
+| ``P/events`` | vigil → all | no: watch events (``new``, ``update``, ``end``; docs/watches.md) |
+| ``P/events/...`` | reserved | for event queries |
 | ``P/nodes/...`` | reserved | for multi-node setups (not used yet) |
 | ``homeassistant/...`` | reserved | Home Assistant MQTT discovery (not published yet) |
 
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 
 # Home Assistant's default MQTT discovery prefix (its `discovery_prefix` option).
 HOME_ASSISTANT_PREFIX = "homeassistant"
-# Sub-trees under the prefix that later features will publish on; no reply may go there.
+# Sub-trees under the prefix that vigil publishes on or keeps for later features; no reply may go there.
 RESERVED_SUBTREES = ("watches", "events", "nodes")
 
 
@@ -67,6 +70,32 @@ class Topics:
             return name if "/" not in name else None
         return None
 
+    @property
+    def watch_sets(self) -> str:
+        """Filter matching every watch's ``set`` topic (runtime add, change, remove)."""
+        return f"{self.prefix}/watches/+/set"
+
+    def watch_of_set(self, topic: str) -> str | None:
+        """The watch name of a ``set`` topic, or None when ``topic`` is not one."""
+        head, tail = f"{self.prefix}/watches/", "/set"
+        if topic.startswith(head) and topic.endswith(tail) and len(topic) > len(head) + len(tail):
+            name = topic[len(head) : -len(tail)]
+            return name if "/" not in name else None
+        return None
+
+    def watch_state(self, watch: str) -> str:
+        """Retained ``ON`` / ``OFF`` of one watch."""
+        return f"{self.prefix}/watches/{watch}/state"
+
+    def watch_attributes(self, watch: str) -> str:
+        """Retained JSON attributes of one watch (latest score, camera, settings)."""
+        return f"{self.prefix}/watches/{watch}/attributes"
+
+    @property
+    def events(self) -> str:
+        """Where watch events are published (not retained)."""
+        return f"{self.prefix}/events"
+
     def cli_reply(self, token: str) -> str:
         """Where ``vigil ask`` waits for its reply (a requester's topic, so not reserved)."""
         return f"{self.prefix}/replies/{token}"
@@ -78,7 +107,7 @@ class Topics:
             self.ask,
             self.status,
             f"{self.prefix}/cameras/#",
-            *(f"{self.prefix}/{sub}/#" for sub in RESERVED_SUBTREES),
+            *(f"{self.prefix}/{sub}/#" for sub in RESERVED_SUBTREES),  # P/events/# matches P/events too
             f"{HOME_ASSISTANT_PREFIX}/#",
         )
 
