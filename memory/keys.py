@@ -15,6 +15,9 @@ Layout (``P`` is the configured key prefix, ``C`` a camera name):
 | ``P:{C}:outages`` | hash | field = outage start in UTC ms, value = JSON record |
 | ``P:{C}:added`` | stream | one entry per chunk write: ``chunk`` (id), ``start_ms``, ``removed``; capped |
 | ``P:{C}:max_span`` | string | longest span of a consolidated chunk of the camera, in ms |
+| ``P:{C}:events`` | hash | field = event id, value = JSON event (memory/events.py) |
+| ``P:{C}:event_starts`` | sorted set | member = event id, score = event start in UTC ms |
+| ``P:{C}:event_ends`` | sorted set | member = event id, score = event end in UTC ms (``+inf`` while ongoing) |
 | ``P:watches`` | hash | field = watch name, value = JSON of a watch added at runtime (memory/watches.py) |
 
 ``removed`` (ids, comma-separated) is set when a consolidation replaced chunks or a size budget
@@ -89,6 +92,19 @@ class RedisKeys:
         """Longest span (ms) of the camera's consolidated chunks: how far back a time query looks."""
         return f"{self.prefix}:{self.camera_tag(camera)}:max_span"
 
+    def events(self, camera: str) -> str:
+        """Hash of the camera's watch events: id → JSON."""
+        return f"{self.prefix}:{self.camera_tag(camera)}:events"
+
+    def event_starts(self, camera: str) -> str:
+        """Sorted set of the camera's event ids scored by start time in ms (query order)."""
+        return f"{self.prefix}:{self.camera_tag(camera)}:event_starts"
+
+    def event_ends(self, camera: str) -> str:
+        """Sorted set of the camera's event ids scored by end time in ms, ``+inf`` while ongoing
+        (overlap queries and retention)."""
+        return f"{self.prefix}:{self.camera_tag(camera)}:event_ends"
+
     def camera_keys(self, camera: str, chunk_id: int) -> list[str]:
         """Every per-camera key form (for tests and tools that check slot placement)."""
         return [
@@ -97,4 +113,7 @@ class RedisKeys:
             self.outages(camera),
             self.added(camera),
             self.max_span(camera),
+            self.events(camera),
+            self.event_starts(camera),
+            self.event_ends(camera),
         ]
