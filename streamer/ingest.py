@@ -137,7 +137,8 @@ class IngestService:
     ) -> None:
         self._encoder = encoder
         self._on_timing = on_timing
-        self._on_stored = on_stored
+        # Public: the daemon sets it once the watches exist (they publish through the MQTT API).
+        self.on_stored = on_stored
         self._store = store
         self._index = index
         self._compression = compression
@@ -251,8 +252,8 @@ class IngestService:
         # whose payload never arrives is skipped at fetch time and dropped by the next catch-up.
         self._index.index.add(meta, vector)
         self._index.dirty = True
-        if self._on_stored is not None:
-            self._on_stored(meta, compressed)
+        if self.on_stored is not None:
+            self.on_stored(meta, compressed)
 
         s = self.stats
         s.chunks += 1

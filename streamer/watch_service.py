@@ -46,8 +46,18 @@ from streamer.requests import RequestError
 from streamer.settings import WatchSettings
 from streamer.timefmt import iso_time
 from streamer.topics import Topics
-from streamer.watches import Change, Rule, WatchState, check_watch_name, end_now, event_id, parse_watch, step
-from streamer.watches import watch_fields, watched_cameras
+from streamer.watches import (
+    Change,
+    Rule,
+    WatchState,
+    check_watch_name,
+    end_now,
+    event_id,
+    parse_watch,
+    step,
+    watch_fields,
+    watched_cameras,
+)
 from vlm.types import PromptPart, TextPart, VisualPart
 from vlm.watch import yes_probabilities
 
@@ -188,6 +198,10 @@ class WatchService:
     def watches(self) -> dict[str, Watch]:
         return dict(self._watches)
 
+    def counts(self) -> dict[tuple[str, str], WatchCounts]:
+        """(watch, camera) → counters, for every pair that was checked or dropped (metrics)."""
+        return dict(self.stats.per_watch)
+
     def close(self) -> None:
         """Stop the model thread (a running check finishes first)."""
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -295,11 +309,16 @@ class WatchService:
             self._drop(self._queue.get_nowait(), "the checks are behind")
         self._queue.put_nowait(job)
 
-    def _drop(self, job: CheckJob, why: str) -> None:
+    def _count_dropped(self, job: CheckJob) -> list[str]:
+        """Count a chunk whose checks are not done for each watch of its camera; their names."""
         self.stats.dropped += 1
         names = [w.name for w in self._watches.values() if job.camera in self._cameras_of(w)]
         for name in names:
             self.stats.of(name, job.camera).dropped += 1
+        return names
+
+    def _drop(self, job: CheckJob, why: str) -> None:
+        names = self._count_dropped(job)
         log.warning(
             "camera %s: checks of the chunk from %s dropped (%s): %s",
             job.camera, iso_time(job.start_s, self._tz), why, ", ".join(names),
@@ -318,8 +337,12 @@ class WatchService:
                     await getter
                 break
             await self._check(getter.result())
+        left = 0
         while not self._queue.empty():
-            self._drop(self._queue.get_nowait(), "vigil is stopping")
+            self._count_dropped(self._queue.get_nowait())
+            left += 1
+        if left:
+            log.info("watches: the checks of %d chunk(s) stored at stop were not done", left)
         async with self._lock:
             for watch in list(self._watches.values()):
                 await self._end_all(watch)
