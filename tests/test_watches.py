@@ -30,10 +30,18 @@ def chunks(scores: list[float], length_s: float = 8.0, t0: float = 1000.0) -> li
 
 def test_config_watches_take_the_issue_defaults_and_every_camera_by_default(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"cameras": CAMS, "watches": {"person_at_door": {"question": " Is a person here? "}}}))
+    cfg.write_text(
+        yaml.safe_dump({"cameras": CAMS, "watches": {"person_at_door": {"question": " Is a person here? "}}})
+    )
     watch = load_settings(cfg, environ={}).watches["person_at_door"]
     assert watch == WatchSettings(
-        question="Is a person here?", cameras=None, threshold=0.5, on_after=1, off_after=2, cooldown_s=60.0, describe=True
+        question="Is a person here?",
+        cameras=None,
+        threshold=0.5,
+        on_after=1,
+        off_after=2,
+        cooldown_s=60.0,
+        describe=True,
     )
     assert watched_cameras(watch, ["garage", "front_door"]) == ["front_door", "garage"]
 
@@ -80,7 +88,8 @@ def test_watch_names_follow_the_camera_name_rules(name: str) -> None:
 def test_runtime_watches_are_validated_strictly() -> None:
     cams = ["front_door", "garage"]
     watch = parse_watch({"question": "Is the door open?", "cameras": ["garage"], "threshold": 1}, cameras=cams)
-    assert watch.cameras == ["garage"] and watch.threshold == 1.0
+    assert watch.cameras == ["garage"]
+    assert watch.threshold == 1.0
     bad = [
         ({"question": "q?", "threshold": "0.5"}, "bad_request"),  # a string is not a number over JSON
         ({"question": "q?", "describe": "yes"}, "bad_request"),
@@ -101,10 +110,13 @@ def test_runtime_watches_are_validated_strictly() -> None:
 
 
 def test_fires_at_or_above_threshold_zero_always_one_never() -> None:
-    assert fires(0.5, 0.5) and not fires(0.4999, 0.5)
-    assert fires(0.0, 0.0) and fires(1.0, 0.0)
+    assert fires(0.5, 0.5)
+    assert not fires(0.4999, 0.5)
+    assert fires(0.0, 0.0)
+    assert fires(1.0, 0.0)
     assert not fires(1.0, 1.0)
-    assert not fires(math.nan, 0.5) and not fires(math.nan, 0.0)  # a broken score never fires
+    assert not fires(math.nan, 0.5)
+    assert not fires(math.nan, 0.0)
 
 
 def test_on_after_starts_and_off_after_ends_an_event() -> None:
@@ -123,26 +135,35 @@ def test_cooldown_holds_off_a_new_event_until_it_has_passed() -> None:
     seq = chunks([0.9, 0.1, 0.9, 0.9, 0.9, 0.9])  # 8 s chunks from t=1000
     _, changes = run_scores(seq, rule)
     # The first event ends at 1008; chunks starting before 1028 (chunks 2 and 3) start nothing.
-    assert [(i, c.kind, c.start_s) for i, c in changes] == [(0, "start", 1000.0), (1, "end", 1000.0), (4, "start", 1032.0)]
+    assert [(i, c.kind, c.start_s) for i, c in changes] == [
+        (0, "start", 1000.0),
+        (1, "end", 1000.0),
+        (4, "start", 1032.0),
+    ]
 
 
 def test_threshold_zero_fires_on_the_first_chunk_and_never_ends() -> None:
     rule = Rule(threshold=0.0, on_after=1, off_after=1, cooldown_s=60.0)
     state, changes = run_scores(chunks([0.0, 0.0, 1e-9, 0.3]), rule)
     assert changes == [(0, Change("start", 1000.0, 1008.0, 0.0))]
-    assert state.on and state.event is not None and state.event.end_s == 1032.0 and state.event.peak_score == 0.3
+    assert state.on
+    assert state.event is not None
+    assert state.event.end_s == 1032.0
+    assert state.event.peak_score == 0.3
 
 
 def test_threshold_one_never_fires_even_on_a_saturated_score() -> None:
     state, changes = run_scores(chunks([1.0] * 20), Rule(threshold=1.0, on_after=1, off_after=1, cooldown_s=0.0))
-    assert changes == [] and state == WatchState()
+    assert changes == []
+    assert state == WatchState()
 
 
 def test_end_now_ends_an_ongoing_event_at_its_last_firing_chunk() -> None:
     rule = Rule(threshold=0.5, on_after=1, off_after=3, cooldown_s=0.0)
     state, _ = run_scores(chunks([0.9, 0.6, 0.1]), rule)
     ended, change = end_now(state)
-    assert change == Change("end", 1000.0, 1016.0, 0.9) and not ended.on
+    assert change == Change("end", 1000.0, 1016.0, 0.9)
+    assert not ended.on
     assert end_now(ended)[1] is None
 
 
@@ -227,6 +248,9 @@ def test_a_sequence_can_be_fed_in_pieces(seq: list[tuple[float, float, float]], 
 def test_step_never_looks_at_the_clock() -> None:
     rule = Rule(threshold=0.5, on_after=1, off_after=1, cooldown_s=1e9)
     state, change = step(WatchState(), 0.9, 5.0, 6.0, rule)
-    assert change is not None and change.kind == "start"
+    assert change is not None
+    assert change.kind == "start"
     state, change = step(state, 0.0, 6.0, 7.0, rule)
-    assert change is not None and change.kind == "end" and state.quiet_until_s == 6.0 + 1e9
+    assert change is not None
+    assert change.kind == "end"
+    assert state.quiet_until_s == 6.0 + 1e9
