@@ -457,6 +457,8 @@ class MetricsSettings(_Strict):
 MAX_WATCH_QUESTION_CHARS = 1024
 MAX_WATCH_CHUNKS = 1000  # on_after / off_after: a run longer than this is a configuration mistake
 MAX_WATCH_COOLDOWN_S = 7 * 86400.0
+# Watches in force (config and runtime together): each adds its question to every check of its cameras.
+MAX_WATCHES = 64
 
 
 class WatchSettings(_Strict):
@@ -526,6 +528,7 @@ class Settings(_Strict):
     )
     watches: dict[CameraName, WatchSettings] = Field(
         default_factory=dict,
+        max_length=MAX_WATCHES,
         description="Watch name -> standing question (docs/watches.md). Names follow the camera-name rules.",
     )
 

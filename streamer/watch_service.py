@@ -43,7 +43,7 @@ from memory.watches import WatchStore
 from retrieval.prompt import format_span, token_order
 from streamer.events import event_payload
 from streamer.requests import RequestError
-from streamer.settings import WatchSettings
+from streamer.settings import MAX_WATCHES, WatchSettings
 from streamer.timefmt import iso_time
 from streamer.topics import Topics
 from streamer.watches import (
@@ -71,8 +71,6 @@ log = logging.getLogger(__name__)
 # Chunks waiting for their checks. A check of every watch of a chunk is one model call; more than a
 # couple waiting means the checks cannot keep up, and an older chunk's events would be late.
 CHECK_QUEUE_CHUNKS = 4
-# Watches of one daemon: each adds its question to every check of its cameras (docs/watches.md).
-MAX_WATCHES = 64
 DESCRIBE_MAX_TOKENS = 40  # one sentence
 DESCRIBE_TIMEOUT_S = 30.0  # a description later than this is cut where it is
 DESCRIBE_PROMPT = "Describe in one short sentence what the camera shows that answers this question: {question}"
