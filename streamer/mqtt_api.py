@@ -391,6 +391,8 @@ class MqttApi:
             await client.publish(self.topics.camera_state(camera), payload, qos=QOS, retain=True)
         for topic, payload in list(self._retained.items()):
             await client.publish(topic, payload, qos=QOS, retain=True)
+            if not payload and self._retained.get(topic) == b"":
+                del self._retained[topic]
         if self._status is not None:
             await client.publish(self.status_topic, self._status, qos=QOS, retain=True)
         await self._flush_outbox()
@@ -487,8 +489,9 @@ class MqttApi:
     async def publish_retained(self, topic: str, payload: bytes) -> None:
         """Retain ``payload`` on a watch topic now if connected, and after every reconnect.
 
-        An empty payload clears the topic (MQTT deletes a retained message that way); it is sent
-        again after reconnects too, which is harmless and covers a clear made while away.
+        An empty payload clears the topic (MQTT deletes a retained message that way); a clear that
+        could not be sent is sent after the reconnect, one that was sent is forgotten (removals of
+        made-up names must not pile up here).
         """
         self._retained[topic] = payload
         client = self._client
@@ -498,6 +501,9 @@ class MqttApi:
             await client.publish(topic, payload, qos=QOS, retain=True, timeout=CONNECT_TIMEOUT_S)
         except aiomqtt.MqttError as exc:
             log.debug("%s not published now (%s); will be after reconnect", topic, exc)
+            return
+        if not payload and self._retained.get(topic) == b"":
+            del self._retained[topic]
 
     async def publish_event(self, body: dict[str, Any]) -> None:
         """One watch event on ``{prefix}/events``; held in the outbox while the broker is away."""

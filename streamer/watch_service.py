@@ -32,7 +32,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 from zoneinfo import ZoneInfo
 
@@ -150,10 +149,8 @@ def chunk_context(camera: str, start_s: float, end_s: float, chunk: CompressedCh
     Tokens in (frame, row, col) order, summary tokens last, as retrieval/prompt.py places them.
     """
     order = token_order(chunk.frame, chunk.row, chunk.col)  # [M]
-    zone = datetime.fromtimestamp(start_s, tz).tzname() or str(tz)
-    span = format_span(start_s, end_s, tz)
     return [
-        TextPart(CONTEXT_PREAMBLE.format(camera=camera, span=f"{span}, zone {zone}") + "\n"),
+        TextPart(CONTEXT_PREAMBLE.format(camera=camera, span=format_span(start_s, end_s, tz)) + "\n"),
         VisualPart(tokens=chunk.tokens[order], frame=chunk.frame[order], row=chunk.row[order], col=chunk.col[order]),
         TextPart("\n"),
     ]
@@ -287,6 +284,8 @@ class WatchService:
             await self._end_all(existing)
             del self._watches[name]
             self._latest.pop(name, None)
+            for key in [key for key in self.stats.per_watch if key[0] == name]:
+                del self.stats.per_watch[key]  # its series end: removed names must not pile up
             log.info("watch %s removed over MQTT", name)
         # Cleared even when unknown: that also clears what a watch removed while vigil was down left.
         await self._publisher.publish_retained(self._topics.watch_state(name), b"")
@@ -324,17 +323,8 @@ class WatchService:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Check queued chunks until ``stop``; then drop what is queued and end ongoing events."""
-        while not stop.is_set():
-            getter = asyncio.ensure_future(self._queue.get())
-            stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if not getter.done():
-                getter.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await getter
-                break
-            await self._check(getter.result())
+        while (job := await self._next(stop)) is not None:
+            await self._check(job)
         left = 0
         while not self._queue.empty():
             self._count_dropped(self._queue.get_nowait())
@@ -344,6 +334,25 @@ class WatchService:
         async with self._lock:
             for watch in list(self._watches.values()):
                 await self._end_all(watch)
+
+    async def _next(self, stop: asyncio.Event) -> CheckJob | None:
+        """The next queued chunk, or None once ``stop`` is set (what is queued then is left)."""
+        if stop.is_set():
+            return None
+        getter = asyncio.ensure_future(self._queue.get())
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            if not getter.done():
+                getter.cancel()
+        if getter.cancelled():
+            return None
+        if stop.is_set():  # both at once: the chunk goes back, to be counted with the rest
+            self._queue.put_nowait(getter.result())
+            return None
+        return getter.result()
 
     async def _check(self, job: CheckJob) -> None:
         watches = [w for w in self._watches.values() if job.camera in self._cameras_of(w)]

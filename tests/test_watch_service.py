@@ -6,6 +6,8 @@ Real Redis, the real tiny VLM, a real (unconnected) MqttApi as the publisher.
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -19,9 +21,13 @@ from memory.types import CompressedChunk
 from memory.watches import WatchStore
 from retrieval.answer import Answer, Question
 from streamer.mqtt_api import MqttApi
-from streamer.requests import RequestError
+from streamer.requests import RequestError, reply_topic_problem
 from streamer.settings import MAX_WATCHES, MqttSettings, WatchSettings
+from streamer.topics import Topics
 from streamer.watch_service import WatchService, chunk_context
+from tests.plugins.brokers import retained
+from tests.test_mqtt_api import running, settings_for
+from tests.test_watches_e2e import publish_plain, set_watch_v5
 from vlm.models import VisionLanguageModel
 from vlm.types import TextPart
 from vlm.watch import answer_ids, question_part, yes_probabilities
@@ -57,8 +63,11 @@ async def never_answer(question: Question, on_delta: Any) -> Answer:
     raise AssertionError("no question is asked here")
 
 
-def service(redis_client: Any, prefix: str, vlm: VisionLanguageModel, **kwargs: Any) -> WatchService:
-    api = MqttApi(MqttSettings(topic_prefix=prefix, client_id=prefix), tz=TZ, cameras=CAMERAS, answer=never_answer)
+def service(
+    redis_client: Any, prefix: str, vlm: VisionLanguageModel, api: MqttApi | None = None, **kwargs: Any
+) -> WatchService:
+    if api is None:
+        api = MqttApi(MqttSettings(topic_prefix=prefix, client_id=prefix), tz=TZ, cameras=CAMERAS, answer=never_answer)
     return WatchService(
         vlm=vlm,
         events=EventStore(redis_client, key_prefix=prefix),
@@ -171,3 +180,48 @@ def test_yes_probabilities_are_the_yes_share_of_the_first_answer_token(tiny_vlm:
     assert yes_probabilities(tiny_vlm, context, []) == []
     assert isinstance(context[0], TextPart)
     assert "front_door" in context[0].text
+
+
+def test_replies_never_go_to_the_watch_or_event_topics() -> None:
+    topics = Topics("vigil")
+    for topic in ("vigil/watches/door/state", "vigil/watches/door/set", "vigil/events", "vigil/events/query"):
+        assert reply_topic_problem(topic, topics) is not None, topic
+    assert topics.watch_of_set("vigil/watches/door/set") == "door"
+    assert topics.watch_of_set("vigil/watches/a/b/set") is None
+
+
+async def test_hostile_watch_changes_over_mqtt_get_error_replies_and_change_nothing(
+    redis_client: Any, prefix: str, tiny_vlm: VisionLanguageModel, broker: tuple[str, int]
+) -> None:
+    api = MqttApi(settings_for(*broker, prefix, max_payload_bytes=1024), tz=TZ, cameras=CAMERAS, answer=never_answer)
+    watches = service(redis_client, prefix, tiny_vlm, api)
+    await watches.load({})
+    api.serve_watches(watches)
+    async with running(api):
+        for payload, code in [
+            (b"x" * 2000, "payload_too_large"),
+            (b"[" * 100 + b"]" * 100, "bad_json"),
+            (b'{"question": "q?", "on_after": ' + b"9" * 50 + b"}", "bad_json"),
+            (b"\xff\xfe", "bad_json"),
+            (b"[1]", "bad_json"),
+            (b'{"question": "q?", "threshold": NaN}', "bad_json"),
+            (b'{"question": "q?", "cameras": "garage"}', "bad_request"),
+            (b'{"question": "\\ud800"}', "bad_request"),
+        ]:
+            reply = await set_watch_v5(broker, prefix, "door", payload)
+            assert reply["error"]["code"] == code, payload[:40]
+        assert (await set_watch_v5(broker, prefix, "Door", {"question": "q?"}))["error"]["code"] == "bad_name"
+        # A reply address on vigil's own topics: dropped, counted, not applied.
+        bad_reply = json.dumps({"question": "q?", "reply_to": f"{prefix}/watches/door/state"}).encode()
+        await publish_plain(broker, f"{prefix}/watches/door/set", bad_reply)
+        await asyncio.sleep(0.5)
+        assert api.counters["bad_reply_topic"] == 1
+        assert watches.watches == {}
+        assert await WatchStore(redis_client, key_prefix=prefix).load() == ({}, {})
+        assert await retained(*broker, f"{prefix}/watches/#", wait_s=0.5) == {}
+        # And the service still takes a valid change.
+        added = await set_watch_v5(broker, prefix, "door", {"question": "Is the door open?", "cameras": ["front_door"]})
+        assert added["status"] == "added"
+        seen = await retained(*broker, f"{prefix}/watches/door/#")
+        assert seen[f"{prefix}/watches/door/state"] == b"OFF"
+        assert json.loads(seen[f"{prefix}/watches/door/attributes"])["cameras"] == ["front_door"]

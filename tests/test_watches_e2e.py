@@ -87,13 +87,15 @@ class Listener:
         return found
 
 
-async def set_watch_v5(broker: tuple[str, int], prefix: str, name: str, body: dict[str, Any] | None) -> dict[str, Any]:
-    """Publish to {prefix}/watches/NAME/set with a v5 response topic; the one reply."""
+async def set_watch_v5(
+    broker: tuple[str, int], prefix: str, name: str, body: dict[str, Any] | bytes | None
+) -> dict[str, Any]:
+    """Publish to {prefix}/watches/NAME/set with a v5 response topic (None: empty); the one reply."""
     reply_topic = f"{prefix}/test-replies/{uuid.uuid4().hex[:8]}"
     props = Properties(PacketTypes.PUBLISH)
     props.ResponseTopic = reply_topic
     props.CorrelationData = correlation = uuid.uuid4().bytes
-    payload = b"" if body is None else json.dumps(body).encode()
+    payload = b"" if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
     async with aiomqtt.Client(
         *broker, protocol=aiomqtt.ProtocolVersion.V5, identifier=f"w-{uuid.uuid4().hex[:8]}"
     ) as c:
