@@ -336,7 +336,7 @@ class WatchService:
                 await self._end_all(watch)
 
     async def _next(self, stop: asyncio.Event) -> CheckJob | None:
-        """The next queued chunk, or None once ``stop`` is set (what is queued then is left)."""
+        """The next queued chunk, or None once ``stop`` is set (what is queued then stays queued)."""
         if stop.is_set():
             return None
         getter = asyncio.ensure_future(self._queue.get())
@@ -346,7 +346,10 @@ class WatchService:
         finally:
             stopper.cancel()
             if not getter.done():
+                # A cancelled Queue.get leaves its item in the queue, so nothing is lost here.
                 getter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await getter
         if getter.cancelled():
             return None
         if stop.is_set():  # both at once: the chunk goes back, to be counted with the rest

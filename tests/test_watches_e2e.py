@@ -30,6 +30,7 @@ from streamer.settings import Settings
 from tests.plugins.brokers import retained
 from tests.plugins.rtsp import RtspServer
 from tests.test_e2e import CLIP, daemon_config, rtsp_camera, running_daemon, wait_for_chunks
+from tests.test_metrics import promtool
 from vlm.tiny import TinyModels
 
 pytestmark = pytest.mark.slow
@@ -223,6 +224,9 @@ async def test_watches_raise_events_change_at_runtime_and_survive_a_restart(
         assert metric(text, "vigil_watch_check_seconds_count", camera="lot") >= 1
         assert metric(text, "vigil_mqtt_unanswerable_total") >= 1
         assert "Is anything" not in text  # never question text in metrics
+        checked = promtool(text)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert checked.stdout.strip() == "", checked.stdout  # no lint findings either
     # Stopping ended the ongoing events ("end"), in Redis too.
     client = aioredis.Redis.from_url(redis_url)
     try:
