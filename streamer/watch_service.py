@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -188,6 +189,7 @@ class WatchService:
         self._lock = asyncio.Lock()  # one change of the watches at a time (MQTT, the check task)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-watch")
         self.stats = WatchStats()
+        self._dropped_behind = 0  # chunks dropped since the checks last kept up
 
     @property
     def watches(self) -> dict[str, Watch]:
@@ -316,8 +318,11 @@ class WatchService:
 
     def _drop(self, job: CheckJob, why: str) -> None:
         names = self._count_dropped(job)
-        log.warning(
-            "camera %s: checks of the chunk from %s dropped (%s): %s",
+        self._dropped_behind += 1
+        # A line when the checks fall behind and one when they catch up, not one per chunk.
+        level = logging.DEBUG if self._dropped_behind > 1 else logging.WARNING
+        log.log(
+            level, "camera %s: checks of the chunk from %s dropped (%s): %s; counted in checks_dropped",
             job.camera, iso_time(job.start_s, self._tz), why, ", ".join(names),
         )  # fmt: skip
 
@@ -325,6 +330,9 @@ class WatchService:
         """Check queued chunks until ``stop``; then drop what is queued and end ongoing events."""
         while (job := await self._next(stop)) is not None:
             await self._check(job)
+            if self._dropped_behind and self._queue.empty():
+                log.info("watch checks keep up again; %d chunk(s) were dropped meanwhile", self._dropped_behind)
+                self._dropped_behind = 0
         left = 0
         while not self._queue.empty():
             self._count_dropped(self._queue.get_nowait())
@@ -373,6 +381,12 @@ class WatchService:
             return
         if self._on_check_seconds is not None:
             self._on_check_seconds(job.camera, time.perf_counter() - started)
+        if not all(math.isfinite(score) for score in scores):
+            # A model that overflowed (fp16 on some devices): no event, no NaN in JSON or Redis.
+            self.stats.failed += 1
+            log.warning("camera %s: chunk from %s gave non-finite scores; not counted", job.camera,
+                        iso_time(job.start_s, self._tz))  # fmt: skip
+            return
         self.stats.checks += 1
         started_events: list[tuple[Watch, Event]] = []
         async with self._lock:
