@@ -30,7 +30,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -80,6 +80,11 @@ SCORE_DIGITS = 4
 # prompt assembly refuses); as ingest's CHUNK_ERRORS.
 CHECK_ERRORS: tuple[type[Exception], ...] = (ValueError,)
 STORE_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.RedisError, ValueError)
+
+
+# Called after the watches changed (loaded, added, changed, removed) with the watches now in force:
+# Home Assistant discovery announces and removes their entities this way.
+ChangeListener = Callable[[Mapping[str, "Watch"]], Awaitable[None]]
 
 
 class WatchPublisher(Protocol):
@@ -190,6 +195,7 @@ class WatchService:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-watch")
         self.stats = WatchStats()
         self._dropped_behind = 0  # chunks dropped since the checks last kept up
+        self._listeners: list[ChangeListener] = []
 
     @property
     def watches(self) -> dict[str, Watch]:
@@ -198,6 +204,14 @@ class WatchService:
     def counts(self) -> dict[tuple[str, str], WatchCounts]:
         """(watch, camera) → counters, for every pair that was checked or dropped (metrics)."""
         return dict(self.stats.per_watch)
+
+    def on_change(self, listener: ChangeListener) -> None:
+        """Call ``listener`` with the watches in force after every load and change."""
+        self._listeners.append(listener)
+
+    async def _changed(self) -> None:
+        for listener in self._listeners:
+            await listener(dict(self._watches))
 
     def close(self) -> None:
         """Stop the model thread (a running check finishes first)."""
@@ -245,6 +259,7 @@ class WatchService:
         )
         for watch in self._watches.values():
             await self._publish_watch(watch)
+        await self._changed()
 
     async def apply(self, name: str, body: dict[str, Any] | None) -> dict[str, Any]:
         """``{prefix}/watches/NAME/set``: add or change (``body``) or remove (None) a runtime watch.
@@ -275,6 +290,7 @@ class WatchService:
                 "watch %s %s over MQTT: cameras %s", name, "changed" if existing else "added", self._cameras_of(new)
             )
             await self._publish_watch(new)
+            await self._changed()
             return {"watch": name, "status": "changed" if existing else "added", "settings": fields}
 
     async def _remove(self, name: str, existing: Watch | None) -> dict[str, Any]:
@@ -292,6 +308,8 @@ class WatchService:
         # Cleared even when unknown: that also clears what a watch removed while vigil was down left.
         await self._publisher.publish_retained(self._topics.watch_state(name), b"")
         await self._publisher.publish_retained(self._topics.watch_attributes(name), b"")
+        if existing is not None:
+            await self._changed()
         return {"watch": name, "status": "removed" if existing else "absent"}
 
     def _cameras_of(self, watch: Watch) -> list[str]:

@@ -118,6 +118,12 @@ async def test_runtime_changes_are_validated_stored_and_refused_without_a_trace(
 ) -> None:
     watches = service(redis_client, prefix, tiny_vlm)
     store = WatchStore(redis_client, key_prefix=prefix)
+    seen: list[list[str]] = []
+
+    async def listener(now: Any) -> None:
+        seen.append(sorted(now))
+
+    watches.on_change(listener)
     await watches.load({"door": WatchSettings(question="Door?")})
     reply = await watches.apply("car", {"question": "A car?", "cameras": ["garage"], "reply_to": "x/y", "id": 3})
     assert reply["status"] == "added"
@@ -140,6 +146,8 @@ async def test_runtime_changes_are_validated_stored_and_refused_without_a_trace(
     assert await watches.apply("car", None) == {"watch": "car", "status": "removed"}
     assert await watches.apply("car", None) == {"watch": "car", "status": "absent"}
     assert "car" not in (await store.load())[0]
+    # Listeners hear each change that took effect, and none of the refused ones.
+    assert seen == [["door"], ["car", "door"], ["car", "door"], ["door"]]
     for i in range(MAX_WATCHES - 1):
         await watches.apply(f"w{i}", {"question": "q?"})
     with pytest.raises(RequestError) as err:
