@@ -41,7 +41,7 @@ import redis.exceptions
 from memory.events import Event, EventStore
 from memory.watches import WatchStore
 from retrieval.prompt import format_span, token_order
-from streamer.events import event_payload
+from streamer.events import SCORE_DIGITS, event_payload
 from streamer.requests import RequestError
 from streamer.settings import MAX_WATCHES, WatchSettings
 from streamer.timefmt import iso_time
@@ -75,7 +75,7 @@ DESCRIBE_MAX_TOKENS = 40  # one sentence
 DESCRIBE_TIMEOUT_S = 30.0  # a description later than this is cut where it is
 DESCRIBE_PROMPT = "Describe in one short sentence what the camera shows that answers this question: {question}"
 CONTEXT_PREAMBLE = "You are vigil, a video memory of live cameras. Below is what camera {camera} saw ({span})."
-SCORE_DIGITS = 4
+FINAL_END_S = 5.0  # at stop, ending the ongoing events (store + publish) gets this long
 # Errors of a check that mean "this chunk cannot be checked", not "vigil is broken" (a chunk the
 # prompt assembly refuses); as ingest's CHUNK_ERRORS.
 CHECK_ERRORS: tuple[type[Exception], ...] = (ValueError,)
@@ -357,9 +357,13 @@ class WatchService:
             left += 1
         if left:
             log.info("watches: the checks of %d chunk(s) stored at stop were not done", left)
-        async with self._lock:
-            for watch in list(self._watches.values()):
-                await self._end_all(watch)
+        # Bounded: with Redis away each event write waits for its timeout, and the stop must not.
+        try:
+            async with asyncio.timeout(FINAL_END_S), self._lock:
+                for watch in list(self._watches.values()):
+                    await self._end_all(watch)
+        except TimeoutError:
+            log.warning("watches: ongoing events not all ended within %.0f s at stop", FINAL_END_S)
 
     async def _next(self, stop: asyncio.Event) -> CheckJob | None:
         """The next queued chunk, or None once ``stop`` is set (what is queued then stays queued)."""
