@@ -711,8 +711,7 @@ class MqttApi:
         A request without a reply address is still applied when valid; an invalid one is logged
         and counted (``unanswerable``). Never raises for any payload.
         """
-        self.counters["requests"] += 1
-        self.counters["watch_sets"] += 1
+        self.counters["watch_sets"] += 1  # not "requests": that one counts questions
         name = self.topics.watch_of_set(str(message.topic)) or ""
         payload = message.payload
         raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode("utf-8", "replace")
