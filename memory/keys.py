@@ -2,8 +2,8 @@
 
 Per-camera keys wrap the camera name in a Redis Cluster hash tag (``{front_door}``), so all keys of
 one camera hash to the same slot and a transaction over them (chunk hash + time index) is legal
-in a cluster. No command in vigil touches keys of two cameras at once; the only global key is the
-set of camera names, and it is always written and read on its own.
+in a cluster. No command in vigil touches keys of two cameras at once; the global keys (the set of camera
+names, the runtime watches) are always written and read on their own.
 
 Layout (``P`` is the configured key prefix, ``C`` a camera name):
 
@@ -18,6 +18,7 @@ Layout (``P`` is the configured key prefix, ``C`` a camera name):
 | ``P:{C}:events`` | hash | field = event id, value = JSON event (memory/events.py) |
 | ``P:{C}:event_starts`` | sorted set | member = event id, score = event start in UTC ms |
 | ``P:{C}:event_ends`` | sorted set | member = event id, score = event end in UTC ms (``+inf`` while ongoing) |
+| ``P:watches`` | hash | field = watch name, value = JSON of a watch added at runtime (memory/watches.py) |
 
 ``removed`` (ids, comma-separated) is set when a consolidation replaced chunks or a size budget
 deleted them (then ``chunk`` is empty). ``max_span`` is how far back a time-range query looks.
@@ -61,6 +62,10 @@ class RedisKeys:
     def cameras(self) -> str:
         """Set of camera names that have memory (the only key not tied to one camera)."""
         return f"{self.prefix}:cameras"
+
+    def watches(self) -> str:
+        """Hash of the watches added over MQTT (name → JSON fields), so they survive restarts."""
+        return f"{self.prefix}:watches"
 
     def camera_tag(self, camera: str) -> str:
         """The hash tag every key of ``camera`` carries."""

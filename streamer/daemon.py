@@ -28,7 +28,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from enum import Enum
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -39,6 +39,7 @@ import transformers
 from memory.aio import wait_set
 from memory.events import EventStore
 from memory.store import MemoryStore
+from memory.watches import WatchStore
 from retrieval.answer import FRESH_WITHIN_S, Answerer
 from retrieval.search import Retriever
 from streamer.camera import CameraStatus, CameraWorker
@@ -54,6 +55,8 @@ from streamer.redact import redact_url
 from streamer.resources import open_resources
 from streamer.settings import Settings, load_settings
 from streamer.timefmt import iso_time
+from streamer.watch_service import WatchService
+from streamer.watches import watched_cameras
 from vlm.models import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -95,7 +98,9 @@ class StatusReporter:
         notifier: Notifier,
         tz: ZoneInfo,
         broker: str,
+        watches: WatchService | None = None,
     ) -> None:
+        self._watches = watches
         self._api = api
         self._ingest = ingest
         self._store = store
@@ -130,7 +135,10 @@ class StatusReporter:
     def status_body(self) -> dict[str, Any]:
         """The JSON of ``{prefix}/status`` (and of ``/healthz``), with the health as last assessed."""
         s = self._ingest.stats
-        return status_payload(self._health, s, self._store.stats, self._store.pending, now_s=time.time(), tz=self._tz)
+        body = status_payload(self._health, s, self._store.stats, self._store.pending, now_s=time.time(), tz=self._tz)
+        if self._watches is not None:
+            body["watches"] = self._watches.status()
+        return body
 
     async def publish_status(self) -> None:
         await self._api.publish_status(self.status_body())
@@ -241,7 +249,31 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
             answer=metrics.timed(answerer.answer),
             events=events,
             discovery=settings.discovery,
+            # Home Assistant gets one binary_sensor and one event entity per watch in force.
+            watches=lambda: {
+                name: watched_cameras(w.settings, list(settings.cameras)) for name, w in watches.watches.items()
+            },
         )
+        watches = WatchService(
+            vlm=res.vlm,
+            events=events,
+            store=WatchStore(res.redis, key_prefix=settings.redis.key_prefix),
+            publisher=api,
+            topics=api.topics,
+            tz=tz,
+            cameras=sorted(settings.cameras),
+            on_check_seconds=metrics.on_watch_check,
+        )
+        stack.callback(watches.close)
+
+        async def announce_watches(_: Mapping[str, object]) -> None:
+            await api.publish_discovery()
+
+        # Before the API connects: the watches' retained topics go out with the first connection.
+        await watches.load(settings.watches)
+        watches.on_change(announce_watches)
+        api.serve_watches(watches)
+        ingest.on_stored = watches.submit
 
         cameras = {name: cam for name, cam in settings.cameras.items() if cam.enabled}
         queues: dict[str, asyncio.Queue[Chunk | None]] = {
@@ -250,7 +282,14 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
         workers: list[CameraWorker] = []
         broker = f"{settings.mqtt.host}:{settings.mqtt.port}"
         reporter = StatusReporter(
-            api, ingest=ingest, store=res.store, workers=workers, notifier=notifier, tz=tz, broker=broker
+            api,
+            ingest=ingest,
+            store=res.store,
+            workers=workers,
+            notifier=notifier,
+            tz=tz,
+            broker=broker,
+            watches=watches,
         )
         for name, cam in cameras.items():
             workers.append(
@@ -270,6 +309,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
                 store=res.store,
                 api=api,
                 healthy=lambda: reporter.health().state == "ok",
+                watches=watches,
             )
         )
         # Before the API connects: these replace, first thing, what a crashed run left retained.
@@ -278,7 +318,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
         await reporter.publish_status()
 
         api_stop, api_ready = asyncio.Event(), asyncio.Event()
-        cameras_stop, background_stop = asyncio.Event(), asyncio.Event()
+        cameras_stop, background_stop, watches_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
         async with asyncio.TaskGroup() as tg:
             names: list[str] = []
 
@@ -296,6 +336,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
             camera_tasks = [spawn(w.run(cameras_stop), f"camera:{w.name}") for w in workers]
             feed_tasks = [spawn(_feed(queues[name], ingest), f"ingest:{name}") for name in cameras]
             spawn(reporter.run(background_stop), "status")
+            watch_task = spawn(watches.run(watches_stop), "watches")
             if settings.metrics.enabled:
                 server = MetricsServer(settings.metrics, metrics, reporter.status_body)
                 spawn(server.run(background_stop), "metrics")
@@ -310,6 +351,8 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
             for queue in queues.values():
                 await queue.put(None)
             await asyncio.gather(*feed_tasks)
+            watches_stop.set()
+            await watch_task  # ongoing events end ("end" on MQTT) while the API is still up
             # The final states ("stopped") stay retained for `vigil status`; bounded, because a
             # broker connection that died unnoticed would hold each publish for its timeout.
             with contextlib.suppress(TimeoutError):

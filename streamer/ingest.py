@@ -98,6 +98,9 @@ class CameraCounts:
 # (stage, camera, seconds) for each timed step of a chunk: "encode" (waiting for and running the
 # batch encoder), "compress" (compression and serialisation). The daemon feeds streamer/metrics.py.
 TimingHook = Callable[[str, str, float], None]
+# Called with each chunk once it is stored (or buffered for Redis), with its compressed tokens: the
+# watches check it (streamer/watch_service.py). Synchronous and must not block: it only queues.
+StoredHook = Callable[[ChunkMeta, CompressedChunk], None]
 
 
 def frame_spans(times_s: np.ndarray, end_s: float) -> tuple[np.ndarray, np.ndarray]:
@@ -130,9 +133,12 @@ class IngestService:
         index: IndexFile,
         compression: CompressionSettings,
         on_timing: TimingHook | None = None,
+        on_stored: StoredHook | None = None,
     ) -> None:
         self._encoder = encoder
         self._on_timing = on_timing
+        # Public: the daemon sets it once the watches exist (they publish through the MQTT API).
+        self.on_stored = on_stored
         self._store = store
         self._index = index
         self._compression = compression
@@ -246,6 +252,8 @@ class IngestService:
         # whose payload never arrives is skipped at fetch time and dropped by the next catch-up.
         self._index.index.add(meta, vector)
         self._index.dirty = True
+        if self.on_stored is not None:
+            self.on_stored(meta, compressed)
 
         s = self.stats
         s.chunks += 1

@@ -7,7 +7,7 @@ which nothing else keeps as distributions, are observed into histograms where th
 the process-wide default: two daemons in one test process do not share numbers.
 
 Names follow the Prometheus conventions: one ``vigil_`` prefix, base units in the name
-(``_seconds``), ``_total`` on counters; labels are camera names only, never question text.
+(``_seconds``), ``_total`` on counters; labels are camera and watch names only, never question text.
 
 The HTTP side is a minimal HTTP/1.1 responder on the event loop (GET and HEAD of two paths), so a
 scrape reads the counters on the loop thread that changes them. Requests are hostile: a line or
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from streamer.camera import CameraStatus
     from streamer.ingest import IngestService
     from streamer.settings import MetricsSettings
+    from streamer.watch_service import WatchCounts
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 ENCODE_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 COMPRESS_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # Answers: a second or two on a GPU, up to generation_timeout_s (90 s by default) on a CPU.
+# A chunk's checks (all its camera's watches, one model call): tens of ms (tiny models) to seconds.
+WATCH_CHECK_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 QUESTION_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 90.0, 120.0)
 REQUEST_TIMEOUT_S = 5.0  # a client has this long to send its request line and headers
 MAX_LINE_BYTES = 8192  # longest request or header line
@@ -64,6 +67,8 @@ MQTT_COUNTERS = {
     "outbox_dropped": "Queued replies dropped because the outbox was full.",
     "inbox_dropped": "Incoming messages dropped because the inbox was full.",
     "connects": "Connections made to the broker.",
+    "watch_sets": "Watch changes received (add, change, remove).",
+    "watch_sets_dropped": "Watch changes refused because too many were pending.",
 }
 
 
@@ -86,6 +91,12 @@ class MqttSource(Protocol):
     def connected(self) -> bool: ...
 
 
+class WatchSource(Protocol):
+    """The part of ``WatchService`` the collector reads: (watch, camera) → counters."""
+
+    def counts(self) -> dict[tuple[str, str], WatchCounts]: ...
+
+
 class DaemonCollector(Collector):
     """Reads the daemon's own counters at scrape time (no second count to drift from the first)."""
 
@@ -97,7 +108,9 @@ class DaemonCollector(Collector):
         store: MemoryStore,
         api: MqttSource,
         healthy: Callable[[], bool],
+        watches: WatchSource | None = None,
     ) -> None:
+        self._watches = watches
         self._workers = workers
         self._ingest = ingest
         self._store = store
@@ -107,6 +120,8 @@ class DaemonCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         yield from self._cameras()
         yield from self._chunks()
+        if self._watches is not None:
+            yield from self._watch_counts(self._watches)
         store = self._store
         yield GaugeMetricFamily(
             "vigil_redis_pending_writes", "Writes waiting in the retry buffer while Redis is away.", store.pending
@@ -158,6 +173,21 @@ class DaemonCollector(Collector):
         yield from (stored, failed, frames)
 
 
+    @staticmethod
+    def _watch_counts(watches: WatchSource) -> Iterable[Metric]:
+        labels = ["watch", "camera"]
+        checks = CounterMetricFamily("vigil_watch_checks", "Chunks checked against a watch.", labels=labels)
+        dropped = CounterMetricFamily(
+            "vigil_watch_checks_dropped", "Checks dropped because the check queue was full.", labels=labels
+        )
+        events = CounterMetricFamily("vigil_watch_events", "Events a watch raised.", labels=labels)
+        for (watch, camera), counts in sorted(watches.counts().items()):
+            checks.add_metric([watch, camera], counts.checks)
+            dropped.add_metric([watch, camera], counts.dropped)
+            events.add_metric([watch, camera], counts.events)
+        yield from (checks, dropped, events)
+
+
 AnswerFn = Callable[["Question", Callable[[str], Awaitable[None]] | None], Awaitable["Answer"]]
 
 
@@ -193,6 +223,14 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.watch_check_seconds = Histogram(
+            "vigil_watch_check_seconds",
+            "Time to check a chunk against every watch of its camera (one model call).",
+            ["camera"],
+            buckets=WATCH_CHECK_BUCKETS_S,
+            registry=self.registry,
+        )
+
     def collect_from(self, collector: Collector) -> None:
         self.registry.register(collector)
 
@@ -202,6 +240,10 @@ class Metrics:
             self.encode_seconds.labels(camera).observe(seconds)
         elif stage == "compress":
             self.compress_seconds.labels(camera).observe(seconds)
+
+    def on_watch_check(self, camera: str, seconds: float) -> None:
+        """``WatchService``'s timing hook."""
+        self.watch_check_seconds.labels(camera).observe(seconds)
 
     def timed(self, answer: AnswerFn) -> AnswerFn:
         """``answer`` that records each answer's latency and time to first token."""

@@ -40,7 +40,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 import aiomqtt
@@ -62,6 +62,7 @@ from streamer.requests import (
     EventsQuery,
     EventsQueryRequest,
     RequestError,
+    decode_object,
     decode_request,
     reply_topic_problem,
     to_events_query,
@@ -74,6 +75,15 @@ from streamer.topics import HOME_ASSISTANT_PREFIX, Topics
 log = logging.getLogger(__name__)
 
 AnswerFn = Callable[[Question, Callable[[str], Awaitable[None]] | None], Awaitable[Answer]]
+
+
+class WatchControl(Protocol):
+    """What the API asks of the watches (streamer/watch_service.py) for ``{prefix}/watches/NAME/set``."""
+
+    async def apply(self, name: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        """Add or change (``body``) or remove (None) a watch; the reply body, or RequestError."""
+        ...
+
 
 QOS = 1  # questions, answers and retained state: at least once (see the module docstring)
 RECONNECT_INITIAL_S = 0.5  # first retry comes fast: a broker restart takes about a second
@@ -260,7 +270,7 @@ class MqttApi:
         self._settings = settings
         self._events = events
         self._discovery = discovery
-        self._watches = watches
+        self._discovery_watches = watches
         self._discovery_jitter_s = discovery_jitter_s
         self._tz = tz
         # The names a question may use: a fixed list, or a provider asked per request (the daemon
@@ -293,6 +303,9 @@ class MqttApi:
         self._announced: dict[str, str] = {}
         self._discovery_lock = asyncio.Lock()
         self._discovery_task: asyncio.Task[None] | None = None
+        self._watches: WatchControl | None = None  # set by serve_watches()
+        self._watch_jobs: set[asyncio.Task[None]] = set()  # watch changes being applied (bounded apart)
+        self._retained: dict[str, bytes] = {}  # watch topics → retained payload (b"": cleared)
         self._client: aiomqtt.Client | None = None  # set while connected
         self._lost = asyncio.Event()  # set when the current connection drops
         self._stopping = False
@@ -313,6 +326,8 @@ class MqttApi:
                 "outbox_dropped",
                 "inbox_dropped",
                 "connects",
+                "watch_sets",
+                "watch_sets_dropped",
             ),
             0,
         )
@@ -422,10 +437,16 @@ class MqttApi:
             # The retained config comes back first: what it announces that is gone now is removed.
             await client.subscribe(self._discovery_topic, qos=QOS)
             await client.subscribe(self.topics.discovery_status, qos=QOS)
+        if self._watches is not None:
+            await client.subscribe(self.topics.watch_sets, qos=QOS)
         self._lost = asyncio.Event()
         self._client = client
         for camera, payload in list(self._states.items()):
             await client.publish(self.topics.camera_state(camera), payload, qos=QOS, retain=True)
+        for topic, payload in list(self._retained.items()):
+            await client.publish(topic, payload, qos=QOS, retain=True)
+            if not payload and self._retained.get(topic) == b"":
+                del self._retained[topic]
         if self._status is not None:
             await client.publish(self.status_topic, self._status, qos=QOS, retain=True)
         await self._flush_outbox()
@@ -470,6 +491,8 @@ class MqttApi:
             self._dispatch(message, AskRequest)
         elif self._events is not None and topic.matches(self.topics.events_query):
             self._dispatch(message, EventsQueryRequest)
+        elif self._watches is not None and topic.matches(self.topics.watch_sets):
+            self._dispatch_watch(message)
         elif self._discovery_on and not self._stopping:
             if topic.matches(self.topics.discovery_status):
                 if message.payload == HA_ONLINE:
@@ -489,15 +512,15 @@ class MqttApi:
         for _ in range(len(messages)):
             message = await anext(messages)  # already queued: does not wait
             self._route(message)
-        if self._jobs or self._error_replies:
+        if self._jobs or self._error_replies or self._watch_jobs:
             log.info("waiting up to %.0f s for %d answer(s) in flight", self._drain_timeout_s, len(self._jobs))
-            await asyncio.wait({*self._jobs, *self._error_replies}, timeout=self._drain_timeout_s)
+            await asyncio.wait({*self._jobs, *self._error_replies, *self._watch_jobs}, timeout=self._drain_timeout_s)
         await self._cancel_jobs()
         with contextlib.suppress(aiomqtt.MqttError):
             await client.publish(self.available_topic, b"offline", qos=QOS, retain=True)
 
     async def _cancel_jobs(self) -> None:
-        tasks = [*self._jobs, *self._error_replies]
+        tasks = [*self._jobs, *self._error_replies, *self._watch_jobs]
         if self._discovery_task is not None:
             tasks.append(self._discovery_task)
         for task in tasks:
@@ -563,7 +586,7 @@ class MqttApi:
         """Publish the device config; a component that went is first sent alone as ``{"platform": P}``."""
         node_id = self._node_id
         async with self._discovery_lock:
-            cameras, watches = list(self._cameras()), dict(self._watches())
+            cameras, watches = list(self._cameras()), dict(self._discovery_watches())
             config = device_config(self.topics, node_id, cameras=cameras, watches=watches, removed=self._announced)
             if any(set(comp) == {"platform"} for comp in config["components"].values()):
                 await self._publish_config(client, config)
@@ -598,7 +621,7 @@ class MqttApi:
             self._throttle.log("discovery_read_back", logging.WARNING, "unreadable discovery config ignored")
             return
         found = announced(config)
-        current = components(self.topics, self._node_id, list(self._cameras()), dict(self._watches()))
+        current = components(self.topics, self._node_id, list(self._cameras()), dict(self._discovery_watches()))
         stale = {cid: platform for cid, platform in found.items() if cid not in current}
         if stale:
             log.info(
@@ -606,6 +629,30 @@ class MqttApi:
             )
             self._announced.update(stale)
             self._announce_soon(0.0)
+
+    async def publish_retained(self, topic: str, payload: bytes) -> None:
+        """Retain ``payload`` on a watch topic now if connected, and after every reconnect.
+
+        An empty payload clears the topic (MQTT deletes a retained message that way); a clear that
+        could not be sent is sent after the reconnect, one that was sent is forgotten (removals of
+        made-up names must not pile up here).
+        """
+        self._retained[topic] = payload
+        client = self._client
+        if client is None:
+            return
+        try:
+            await client.publish(topic, payload, qos=QOS, retain=True, timeout=CONNECT_TIMEOUT_S)
+        except aiomqtt.MqttError as exc:
+            log.debug("%s not published now (%s); will be after reconnect", topic, exc)
+            return
+        if not payload and self._retained.get(topic) == b"":
+            del self._retained[topic]
+
+    async def publish_event(self, body: dict[str, Any]) -> None:
+        """One watch event on ``{prefix}/events``; held in the outbox while the broker is away."""
+        payload = json.dumps(body, separators=(",", ":")).encode()
+        await self._send(_Outgoing(self.topics.events, payload, None))
 
     async def _send(self, out: _Outgoing) -> None:
         """Publish now, or keep it in the outbox until the next connection.
@@ -832,3 +879,81 @@ class MqttApi:
             raise
         self.counters["events_queried"] += 1
         await self._reply(to, {"events": [event_payload(event, self._tz) for event in events]})
+
+    # ------------------------------------------------------------------ watches
+
+    def serve_watches(self, control: WatchControl) -> None:
+        """Serve ``{prefix}/watches/NAME/set`` with ``control`` (call before :meth:`run`)."""
+        self._watches = control
+
+    def _dispatch_watch(self, message: aiomqtt.Message) -> None:
+        """Validate a watch change and apply it, replying when the request names a reply address.
+
+        Same rules as a question: bounded decoding, reply addresses checked, per-requester rate
+        limit. An empty payload removes the watch; then only a v5 Response Topic can get the reply.
+        A request without a reply address is still applied when valid; an invalid one is logged
+        and counted (``unanswerable``). Never raises for any payload.
+        """
+        self.counters["watch_sets"] += 1  # not "requests": that one counts questions
+        name = self.topics.watch_of_set(str(message.topic)) or ""
+        payload = message.payload
+        raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode("utf-8", "replace")
+        props = message.properties
+        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        body: dict[str, Any] | None = None
+        error: RequestError | None = None
+        reply_topic, request_id = response_topic, None
+        if raw:
+            found = decode_object(bytes(raw), max_bytes=self._settings.max_payload_bytes)
+            body, error = found.body, found.error
+            reply_topic = response_topic if response_topic is not None else found.reply_to
+            request_id = found.request_id
+        to: ReplyTo | None = None
+        if reply_topic is not None:
+            problem = reply_topic_problem(reply_topic, self.topics, self._settings.reply_topics)
+            if problem is not None:
+                self.counters["bad_reply_topic"] += 1
+                self._throttle.log(
+                    "bad_reply_topic", logging.WARNING, "watch change on %s dropped: %s (%r)",
+                    message.topic, problem, str(reply_topic)[:200],
+                )  # fmt: skip
+                return
+            to = ReplyTo(reply_topic, correlation if isinstance(correlation, bytes) else None, request_id)
+        if not self._rates.take(reply_topic or self.topics.watch_sets, time.monotonic()):
+            self.counters["rate_limited"] += 1
+            error = RequestError("busy", f"more than {self._settings.client_rate_per_s:g} requests/s; slow down")
+        elif self._stopping:
+            error = RequestError("shutdown", "vigil is stopping; change the watch when it is back online")
+        elif len(self._watch_jobs) >= MAX_PENDING_ERRORS:
+            self.counters["watch_sets_dropped"] += 1
+            error = RequestError("busy", f"{len(self._watch_jobs)} watch changes pending; try again later")
+        if error is not None:
+            self._refuse_watch(to, name, error)
+            return
+        task = asyncio.ensure_future(self._watch_job(name, body, to))
+        self._watch_jobs.add(task)
+        task.add_done_callback(self._watch_jobs.discard)
+
+    def _refuse_watch(self, to: ReplyTo | None, name: str, error: RequestError) -> None:
+        if to is not None:
+            self._refuse(to, error)
+            return
+        self.counters["unanswerable"] += 1
+        self._throttle.log(
+            "watch_unanswerable", logging.WARNING, "watch change of %r refused, and it has no reply address: %s: %s",
+            name[:70], error.code, error.message,
+        )  # fmt: skip
+
+    async def _watch_job(self, name: str, body: dict[str, Any] | None, to: ReplyTo | None) -> None:
+        assert self._watches is not None
+        try:
+            reply = await self._watches.apply(name, body)
+        except RequestError as exc:
+            if to is None:
+                self._refuse_watch(None, name, exc)
+            else:
+                await self._fail(to, exc.code, exc.message)
+            return
+        if to is not None:
+            await self._reply(to, reply)

@@ -249,7 +249,7 @@ def _sniff(raw: bytes) -> tuple[str | None, str | int | None]:
     return reply_to, request_id
 
 
-def _first_error(exc: ValidationError) -> str:
+def first_error(exc: ValidationError) -> str:
     """A short message naming the first few invalid fields (pydantic's text is long and repeats input)."""
     parts = []
     for err in exc.errors(include_url=False, include_input=False)[:3]:
@@ -260,45 +260,61 @@ def _first_error(exc: ValidationError) -> str:
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
-def _unparsed(raw: bytes, message: str) -> Request:
+@dataclass(frozen=True)
+class JsonObject:
+    """What :func:`decode_object` found: the object or the error, and the reply address in any case."""
+
+    body: dict[str, object] | None
+    error: RequestError | None
+    reply_to: str | None  # the body's reply_to, if it is a string (its validity is checked apart)
+    request_id: str | int | float | None  # the body's id, if it may be echoed
+
+
+def decode_object(raw: bytes, *, max_bytes: int) -> JsonObject:
+    """Raw payload → a JSON object, bounded as in the module docstring; never raises.
+
+    The first steps of every request (``{prefix}/ask``, ``{prefix}/watches/NAME/set``); the caller
+    validates the object against its own schema.
+    """
+    if len(raw) > max_bytes:
+        reply_to, request_id = _sniff(raw)
+        error = RequestError("payload_too_large", f"request is {len(raw)} bytes; the limit is {max_bytes}")
+        return JsonObject(None, error, reply_to, request_id)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _unparsed_object(raw, f"request is not UTF-8: {exc.reason} at byte {exc.start}")
+    if _too_deep(raw, MAX_DEPTH):
+        return _unparsed_object(raw, f"request nests deeper than {MAX_DEPTH} levels")
+    try:
+        body = json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant)
+    except (json.JSONDecodeError, ValueError, RecursionError) as exc:
+        # RecursionError cannot happen below MAX_DEPTH; caught so that no payload ends the service.
+        return _unparsed_object(raw, f"request is not valid JSON: {str(exc)[:200]}")
+    if not isinstance(body, dict):
+        return JsonObject(None, RequestError("bad_json", "request must be a JSON object"), None, None)
+    reply_to = body.get("reply_to")
+    return JsonObject(body, None, reply_to if isinstance(reply_to, str) else None, echoable_id(body.get("id")))
+
+
+def _unparsed_object(raw: bytes, message: str) -> JsonObject:
     """A ``bad_json`` result; a v3.1.1 reply address is looked for as in an oversized request."""
     reply_to, request_id = _sniff(raw)
-    return Request(None, RequestError("bad_json", message), reply_to, request_id)
+    return JsonObject(None, RequestError("bad_json", message), reply_to, request_id)
 
 
 def decode_request(
     raw: bytes, *, max_bytes: int, schema: type[AskRequest] | type[EventsQueryRequest] = AskRequest
 ) -> Request:
     """Raw payload → :class:`Request` of ``schema``. Never raises; costs linear in ``min(len(raw), max_bytes)``."""
-    if len(raw) > max_bytes:
-        reply_to, request_id = _sniff(raw)
-        return Request(
-            None,
-            RequestError("payload_too_large", f"request is {len(raw)} bytes; the limit is {max_bytes}"),
-            reply_to,
-            request_id,
-        )
+    found = decode_object(raw, max_bytes=max_bytes)
+    if found.body is None:
+        return Request(None, found.error, found.reply_to, found.request_id)
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return _unparsed(raw, f"request is not UTF-8: {exc.reason} at byte {exc.start}")
-    if _too_deep(raw, MAX_DEPTH):
-        return _unparsed(raw, f"request nests deeper than {MAX_DEPTH} levels")
-    try:
-        body = json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant)
-    except (json.JSONDecodeError, ValueError, RecursionError) as exc:
-        # RecursionError cannot happen below MAX_DEPTH; caught so that no payload ends the service.
-        return _unparsed(raw, f"request is not valid JSON: {str(exc)[:200]}")
-    if not isinstance(body, dict):
-        return Request(None, RequestError("bad_json", "request must be a JSON object"), None, None)
-    reply_to = body.get("reply_to")
-    reply_to = reply_to if isinstance(reply_to, str) else None
-    request_id = echoable_id(body.get("id"))
-    try:
-        parsed = schema.model_validate(body)
+        parsed = schema.model_validate(found.body)
     except ValidationError as exc:
-        return Request(None, RequestError("bad_request", _first_error(exc)), reply_to, request_id)
-    return Request(parsed, None, reply_to, request_id)
+        return Request(None, RequestError("bad_request", first_error(exc)), found.reply_to, found.request_id)
+    return Request(parsed, None, found.reply_to, found.request_id)
 
 
 def resolve_cameras(requested: Sequence[str] | None, known: Sequence[str]) -> list[str] | None:

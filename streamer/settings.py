@@ -496,6 +496,63 @@ class MetricsSettings(_Strict):
     port: int = Field(default=9464, ge=1, le=65535, description="TCP port (9464: the usual port of exporters).")
 
 
+# Watches (docs/watches.md). A question is one sentence; this bounds the prompt each check adds.
+MAX_WATCH_QUESTION_CHARS = 1024
+MAX_WATCH_CHUNKS = 1000  # on_after / off_after: a run longer than this is a configuration mistake
+MAX_WATCH_COOLDOWN_S = 7 * 86400.0
+# Watches in force (config and runtime together): each adds its question to every check of its cameras.
+MAX_WATCHES = 64
+
+
+class WatchSettings(_Strict):
+    """A standing yes/no question checked against every new chunk of its cameras (docs/watches.md).
+
+    The same fields arrive as JSON on ``{prefix}/watches/{name}/set`` (validated strictly there:
+    streamer/watches.py).
+    """
+
+    question: str = Field(
+        min_length=1,
+        max_length=MAX_WATCH_QUESTION_CHARS,
+        description="The yes/no question, e.g. 'Is a person at the door?'.",
+    )
+    cameras: list[CameraName] | None = Field(
+        default=None, min_length=1, description="Cameras the watch checks; null: every camera."
+    )
+    threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Fire when P(yes) >= threshold; 0 always fires, 1 never does."
+    )
+    on_after: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_WATCH_CHUNKS,
+        description="Consecutive chunks at or above threshold that start an event.",
+    )
+    off_after: int = Field(
+        default=2, ge=1, le=MAX_WATCH_CHUNKS, description="Consecutive chunks below threshold that end the event."
+    )
+    cooldown_s: float = Field(
+        default=60.0, ge=0.0, le=MAX_WATCH_COOLDOWN_S, description="No new event for this long after one ends."
+    )
+    describe: bool = Field(default=True, description="Generate a one-sentence description when an event starts.")
+
+    @field_validator("question")
+    @classmethod
+    def _question(cls, value: str) -> str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("must be valid Unicode text (it contains a lone surrogate escape)") from None
+        if not value.strip():
+            raise ValueError("must not be empty or only whitespace")
+        return value.strip()
+
+    @field_validator("cameras")
+    @classmethod
+    def _unique(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else list(dict.fromkeys(value))
+
+
 class Settings(_Strict):
     """Everything vigil reads at start."""
 
@@ -515,6 +572,11 @@ class Settings(_Strict):
     cameras: dict[CameraName, CameraSettings] = Field(
         default_factory=dict, description="Camera name -> source. Names: a-z, 0-9, '_' and '-'."
     )
+    watches: dict[CameraName, WatchSettings] = Field(
+        default_factory=dict,
+        max_length=MAX_WATCHES,
+        description="Watch name -> standing question (docs/watches.md). Names follow the camera-name rules.",
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -524,6 +586,17 @@ class Settings(_Strict):
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError("unknown time zone (use an IANA name such as Europe/Berlin)") from exc
         return value
+
+    @model_validator(mode="after")
+    def _watched_cameras_exist(self) -> Settings:
+        for name, watch in self.watches.items():
+            unknown = [c for c in watch.cameras or () if c not in self.cameras]
+            if unknown:
+                raise ValueError(
+                    f"watch {name}: unknown camera(s) {', '.join(unknown)}; configured: "
+                    f"{', '.join(sorted(self.cameras)) or 'none'}"
+                )
+        return self
 
     @property
     def tz(self) -> ZoneInfo:

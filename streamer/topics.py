@@ -9,10 +9,12 @@ Layout (``P`` is ``mqtt.topic_prefix``, ``C`` a camera name):
 | ``P/status`` | vigil → all | yes: health and counters |
 | ``P/cameras/C/state`` | vigil → all | yes: a camera's state |
 | ``P/replies/...`` | vigil → ``vigil ask`` | no: the CLI's reply topics (not reserved) |
-| ``P/watches/...`` | reserved | for standing questions (not served yet) |
-| ``P/events/...`` | reserved | for event notifications (not published yet) |
-| ``P/nodes/...`` | reserved | for multi-node setups (not used yet) |
+| ``P/watches/W/set`` | client → vigil | no: add, change (JSON) or remove (empty) watch ``W`` |
+| ``P/watches/W/state`` | vigil → all | yes: ``ON`` while an event of watch ``W`` is on, else ``OFF`` |
+| ``P/watches/W/attributes`` | vigil → all | yes: watch ``W``'s latest score, camera, settings (JSON) |
+| ``P/events`` | vigil → all | no: watch events (``new``, ``update``, ``end``; docs/watches.md) |
 | ``P/events/query`` | client → vigil | no: event queries, answered like questions |
+| ``P/nodes/...`` | reserved | for multi-node setups (not used yet) |
 | ``homeassistant/...`` | reserved | Home Assistant MQTT discovery (streamer/discovery.py; the configured prefix too) |
 | ``D/device/N/config`` | vigil → Home Assistant | yes: the device discovery config (``D`` discovery prefix) |
 | ``D/status`` | Home Assistant → vigil | Home Assistant's birth (``online``): vigil announces again |
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 
 # Home Assistant's default MQTT discovery prefix (its `discovery_prefix` option).
 HOME_ASSISTANT_PREFIX = "homeassistant"
-# Sub-trees under the prefix that later features will publish on; no reply may go there.
+# Sub-trees under the prefix that vigil publishes on or keeps for later features; no reply may go there.
 RESERVED_SUBTREES = ("watches", "events", "nodes")
 
 
@@ -72,6 +74,19 @@ class Topics:
             return name if "/" not in name else None
         return None
 
+    @property
+    def watch_sets(self) -> str:
+        """Filter matching every watch's ``set`` topic (runtime add, change, remove)."""
+        return f"{self.prefix}/watches/+/set"
+
+    def watch_of_set(self, topic: str) -> str | None:
+        """The watch name of a ``set`` topic, or None when ``topic`` is not one."""
+        head, tail = f"{self.prefix}/watches/", "/set"
+        if topic.startswith(head) and topic.endswith(tail) and len(topic) > len(head) + len(tail):
+            name = topic[len(head) : -len(tail)]
+            return name if "/" not in name else None
+        return None
+
     def watch_state(self, watch: str) -> str:
         """Retained ``ON`` / ``OFF`` of one watch."""
         return f"{self.prefix}/watches/{watch}/state"
@@ -110,7 +125,7 @@ class Topics:
             self.ask,
             self.status,
             f"{self.prefix}/cameras/#",
-            *(f"{self.prefix}/{sub}/#" for sub in RESERVED_SUBTREES),
+            *(f"{self.prefix}/{sub}/#" for sub in RESERVED_SUBTREES),  # P/events/# matches P/events too
             *dict.fromkeys((f"{HOME_ASSISTANT_PREFIX}/#", f"{self.discovery_prefix}/#")),
         )
 

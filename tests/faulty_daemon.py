@@ -27,6 +27,7 @@ from streamer.ingest import IngestService
 from streamer.metrics import MetricsServer
 from streamer.mqtt_api import MqttApi
 from streamer.notify import Notifier
+from streamer.watch_service import WatchService
 
 # task name (camera "lot") → (class, method, armed at READY)
 FAULTS: dict[str, tuple[type, str, bool]] = {
@@ -39,6 +40,7 @@ FAULTS: dict[str, tuple[type, str, bool]] = {
     "ingest:lot": (IngestService, "_compress", True),  # a chunk is compressed (on a worker thread)
     "status": (IngestService, "failing", True),  # health is assessed
     "metrics": (MetricsServer, "run", True),  # /metrics and /healthz are served
+    "watches": (WatchService, "run", True),  # the check loop (the lifecycle config has no watches)
 }
 
 

@@ -31,7 +31,7 @@ def test_default_yaml_equals_model_defaults() -> None:
 
 
 def test_default_yaml_documents_every_camera_key() -> None:
-    text = DEFAULT_YAML.read_text()
+    text = DEFAULT_YAML.read_text().split("\ncameras:")[0]  # the watch example comes after
     documented = set(re.findall(r"^#\s{5}(\w+):", text, flags=re.MULTILINE))
     assert documented == _fields(CameraSettings)
     # The documented defaults are the model's defaults.
