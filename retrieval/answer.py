@@ -44,9 +44,6 @@ FRESH_WITHIN_S = 60.0
 # the role markers: 20 in Qwen2's template, 41 in the tiny test tokenizer's); kept out of the
 # memory's budget. The exact prompt length, where the model gives one, is checked after assembly.
 TEMPLATE_TOKENS = 64
-# The longest grain text a piece header can carry (retrieval/coverage.describe_grain), for the
-# header's token bound.
-GRAIN_BOUND = "summary of 99999999 chunks (tier 8), 99 of them read"
 # A span over two dates, the longest span text (retrieval/prompt.format_span).
 _SPAN_BOUND_S = (0.0, 2 * 86_400.0)
 
@@ -310,11 +307,9 @@ class Answerer:
             + TEMPLATE_TOKENS
         )
 
-        def header(camera: str) -> int:
+        def header(camera: str, grain: str) -> int:
             # build_prompt writes the header line, the tokens, then a newline.
-            return self._count_text(chunk_header(camera, *_SPAN_BOUND_S, self._tz, GRAIN_BOUND)) + self._count_text(
-                "\n"
-            )
+            return self._count_text(chunk_header(camera, *_SPAN_BOUND_S, self._tz, grain)) + self._count_text("\n")
 
         return PromptBudget(
             tokens=max(0, self._max_prompt_tokens - fixed),

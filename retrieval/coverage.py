@@ -111,6 +111,16 @@ def describe_grain(piece: Piece) -> str:
     return text
 
 
+def grain_bound(window: Sequence[WindowChunk]) -> str:
+    """The longest grain text a plan over ``window`` can write (for a header's token bound)."""
+    top_tier = max((c.tier for c in window), default=0)
+    tier = "as recorded" if top_tier == 0 else f"tier {top_tier}"
+    most_members = max((c.n_members for c in window), default=0)
+    merged = f"summary of {len(window)} chunks ({tier}), {len(window)} of them read"
+    stored = f"consolidated from {most_members} chunks ({tier})"
+    return max(merged, stored, key=len)
+
+
 def window_cost(chunks: Sequence[WindowChunk], piece_text_tokens: int) -> int:
     """Tokens the window takes when every chunk is shown as stored, each with its header line."""
     return sum(c.n_tokens + piece_text_tokens for c in chunks)

@@ -28,7 +28,7 @@ import numpy as np
 from memory.codec import CodecError, decode_chunk
 from memory.consolidate import consolidate
 from memory.outage import Outage
-from retrieval.coverage import Hit, Piece, WindowChunk, plan_coverage
+from retrieval.coverage import Hit, Piece, WindowChunk, grain_bound, plan_coverage
 
 if TYPE_CHECKING:
     from memory.index import VectorIndex
@@ -204,12 +204,13 @@ class PromptBudget:
     Attributes:
         tokens: tokens the memory pieces and the outage lines may take together (the prompt
             budget less the preamble, the question and the chat template).
-        header_tokens: camera → upper bound of one piece's header line of that camera.
+        header_tokens: (camera, grain text) → tokens of a header line of that camera with that
+            grain and the longest span text, the newline after the piece included.
         outage_tokens: an outage → tokens of its line in the prompt.
     """
 
     tokens: int
-    header_tokens: Callable[[str], int]
+    header_tokens: Callable[[str, str], int]
     outage_tokens: Callable[[Outage], int]
 
 
@@ -273,7 +274,8 @@ class Retriever:
         )
         if budget is not None and (after_s is not None or before_s is not None):
             window = await self._window(cameras, after_s, before_s)
-            header = max((budget.header_tokens(c) for c in {w.camera for w in window}), default=0)
+            longest = grain_bound(window)
+            header = max((budget.header_tokens(c, longest) for c in {w.camera for w in window}), default=0)
             plan = plan_coverage(
                 window,
                 [Hit(h.camera, h.chunk_id, h.score) for h in hits],
