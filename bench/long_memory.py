@@ -12,7 +12,8 @@ one; hits are then random, so the question figures measure coverage and budget, 
 
 Three such days are written to a real Redis through ``MemoryStore.put_chunk`` (as ingest writes
 them; a private ``redis-server`` on a free port unless ``--redis-url``, own key prefix, deleted
-at the end): one 14 days old, one 3 days old, one ending now. The shipped compaction
+at the end): one 14 days old, one 3 days old, and the last day (ending 10 minutes from now, so
+none of it turns a day old during the run). The shipped compaction
 (``streamer.compaction.compactor_for`` with default settings: tiers 1d/8/0.125 and 7d/8/0.125)
 runs after each old day is written, so the first day ends at tier 2, the second at tier 1, and
 the last stays at full resolution. Measured per day: vigil's stored bytes (payload + vector +
@@ -86,6 +87,7 @@ DAYS_AGO = {"2": 14, "1": 3}  # tier the day ends at -> its age in days
 QUESTION = "What happened at the gate that day?"
 TARGET_MONTH_BYTES = 10**9
 REDIS_START_S = 10.0
+LAST_DAY_MARGIN_S = 600.0
 
 
 # --------------------------------------------------------------------------- footage sample
@@ -186,11 +188,16 @@ def fidelity_report(sample: Sequence[CompressedChunk]) -> dict[str, Any]:
     tier2 = consolidate(tier1, 0.125).chunk
     rows["tier2"].append(_fidelity(queries, tier0, tier2.tokens, tier2.count))  # against the 64 as recorded
     rows["tier2_uniform"].append(_fidelity(queries, tier0, *uniform_thin(tier0, tier2.n_tokens)))
-    return {
+    report: dict[str, Any] = {
         name: {"plain": float(np.mean([r[0] for r in v])), "centred": float(np.mean([r[1] for r in v]))}
         for name, v in rows.items()
-    } | {"tokens": {"tier0_mean": float(np.mean([c.n_tokens for c in tier0])), "tier1_mean": float(
-        np.mean([c.n_tokens for c in tier1])), "tier2": tier2.n_tokens}}  # fmt: skip
+    }
+    report["tokens"] = {
+        "tier0_mean": float(np.mean([c.n_tokens for c in tier0])),
+        "tier1_mean": float(np.mean([c.n_tokens for c in tier1])),
+        "tier2": tier2.n_tokens,
+    }
+    return report
 
 
 # --------------------------------------------------------------------------- Redis
@@ -300,8 +307,9 @@ async def run(redis_url: str, chunks_per_day: int, sample: Sequence[CompressedCh
     store = MemoryStore(client, key_prefix=prefix)
     settings = Settings.model_validate({"redis": {"key_prefix": prefix}})  # shipped tiers and budgets
     compactor = compactor_for(settings, store, None)
-    now_s = time.time()
-    today = now_s - chunks_per_day * CHUNK_S
+    # The last day ends LAST_DAY_MARGIN_S from now, so none of it turns a day old (tier 1's age)
+    # while the benchmark runs.
+    today = time.time() + LAST_DAY_MARGIN_S - chunks_per_day * CHUNK_S
     starts = {"2": today - DAYS_AGO["2"] * DAY_S, "1": today - DAYS_AGO["1"] * DAY_S, "0": today}
     redis_bytes: dict[str, int] = {}
     vigil_bytes: dict[str, int] = {}
