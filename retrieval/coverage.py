@@ -7,11 +7,12 @@ what the prompt shows instead:
 
 1. **coverage**: the window is cut into equal time bins per camera; the stored chunks of a bin
    (already the coarsest tier consolidation made of them, memory/consolidate.py) become one piece,
-   merged further on the fly (``memory.consolidate.consolidate``) to an equal share of
-   ``COVERAGE_SHARE`` of the budget. A bin with more than ``MAX_MERGE_MEMBERS`` chunks is read as
+   merged further on the fly (``memory.consolidate.consolidate``) to an equal share of the
+   budget (at least ``COVERAGE_SHARE`` of it). A bin with more than ``MAX_MERGE_MEMBERS`` chunks is read as
    that many chunks spread evenly over it, so a question never reads a whole day of payloads;
-2. **fine hits**: the best similarity hits in the window at their stored grain, while they fit
-   what is left of the budget (at most ``top_k``).
+2. **fine hits**: the best similarity hits in the window at their stored grain, at most
+   ``top_k``, within the rest of the budget. They are chosen first, so that coverage takes
+   whatever they leave; a hit that coverage shows as stored anyway is dropped.
 
 Every piece knows its span and grain, and the prompt says both (retrieval/prompt.py). Token costs
 are upper bounds: a piece's visual tokens are at most ``max_tokens`` and never more than its members
@@ -25,8 +26,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# Share of the memory budget the coverage pieces may take; the rest is for the best fine hits.
-# Coverage first: without it a whole-day question sees minutes of the day (issue 10).
+# Share of the memory budget kept for the coverage pieces; the best fine hits may take the rest
+# (what they leave goes to coverage too). Coverage comes first: without it a whole-day question
+# sees minutes of the day (issue 10).
 COVERAGE_SHARE = 0.75
 # A coverage piece holds at least this many visual tokens: fewer bins with a few tokens each say
 # more than many bins of one token (a merged chunk's summary token plus a handful of centres).
@@ -217,8 +219,8 @@ def plan_coverage(
         hits: similarity hits, best first or not; those outside ``window`` are ignored.
         budget_tokens: tokens the memory pieces may take in all, header lines included.
         piece_text_tokens: upper bound of one piece's header line in tokens.
-        top_k: most fine hits added after the coverage.
-        coverage_share: share of ``budget_tokens`` the coverage may take.
+        top_k: most fine hits beside the coverage.
+        coverage_share: share of ``budget_tokens`` kept for coverage (fine hits may take the rest).
         min_piece_tokens: fewest visual tokens of a coverage piece (fewer, wider bins otherwise).
         max_merge_members: most stored chunks read for one coverage piece.
 
@@ -236,22 +238,25 @@ def plan_coverage(
     chunks = sorted(unique.values(), key=lambda c: (c.start_s, c.end_s, c.camera, c.chunk_id))
     if not chunks or window_cost(chunks, piece_text_tokens) <= budget_tokens:
         return None
-    coverage_budget = math.floor(budget_tokens * coverage_share)
-    pieces = _coverage(chunks, coverage_budget, piece_text_tokens, min_piece_tokens, max_merge_members)
-
-    left = budget_tokens - plan_cost(pieces, piece_text_tokens)
-    shown = {(p.camera, p.members[0].chunk_id) for p in pieces if not p.merged}
+    # Fine hits first, within their share, so that coverage can take everything they leave.
+    fine_budget = budget_tokens - math.floor(budget_tokens * coverage_share)
     fine: list[Piece] = []
+    chosen: set[tuple[str, int]] = set()
     for hit in sorted(hits, key=lambda h: (-h.score, h.camera, h.chunk_id)):
         if len(fine) >= top_k:
             break
         chunk = unique.get((hit.camera, hit.chunk_id))
-        if chunk is None or (hit.camera, hit.chunk_id) in shown:
+        if chunk is None or (hit.camera, hit.chunk_id) in chosen:
             continue
         cost = chunk.n_tokens + piece_text_tokens
-        if cost > left:
+        if cost > fine_budget:
             continue
-        shown.add((hit.camera, hit.chunk_id))
-        left -= cost
+        chosen.add((hit.camera, hit.chunk_id))
+        fine_budget -= cost
         fine.append(Piece(chunk.camera, chunk.start_s, chunk.end_s, (chunk,), 1, chunk.n_tokens, hit.score, True))
+    left = budget_tokens - plan_cost(fine, piece_text_tokens)
+    pieces = _coverage(chunks, left, piece_text_tokens, min_piece_tokens, max_merge_members)
+    # A hit that coverage already shows as stored would be the same chunk twice: it goes.
+    shown = {(p.camera, p.members[0].chunk_id) for p in pieces if not p.merged}
+    fine = [p for p in fine if (p.camera, p.members[0].chunk_id) not in shown]
     return sorted([*pieces, *fine], key=lambda p: (p.start_s, p.camera, p.fine, p.end_s))
