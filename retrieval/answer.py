@@ -262,8 +262,8 @@ class Answerer:
                 [(c.camera, c.end_s) for c in retrieved.chunks], now_s=time.time(), fresh_within_s=self._fresh_within_s
             )
         stale = [StaleCamera(item.camera, item.end_s, item.age_s) for item in latest if not item.fresh]
-        # On the generation thread: counting tokenizes the whole prompt (milliseconds), and the
-        # model's tokenizer is then only ever used from that one thread.
+        # Off the loop, on the generation thread: counting tokenizes the whole prompt (milliseconds
+        # for a long window), and one answer is generated at a time anyway.
         parts, prompt_tokens, shown = await asyncio.get_running_loop().run_in_executor(
             self._executor, self._fit, question.text, retrieved, stale
         )
@@ -330,9 +330,11 @@ class Answerer:
     def _fit(
         self, question: str, retrieved: Retrieved, stale: Sequence[StaleCamera]
     ) -> tuple[list[PromptPart], int, list[RetrievedChunk]]:
-        """The prompt, its length and the chunks it shows; a long-window prompt over the budget loses its weakest fine
-        hits until it fits (the plan's bounds make that rare: a tokenizer counting more than
-        ``count_text`` said)."""
+        """The prompt, its length and the chunks it shows.
+
+        A long-window prompt over the budget loses its weakest fine hits until it fits (the plan's
+        bounds make that rare: a tokenizer counting more than ``count_text`` said).
+        """
         chunks = list(retrieved.chunks)
         while True:
             parts = build_prompt(question, chunks, retrieved.outages, tz=self._tz, stale=stale)

@@ -311,18 +311,19 @@ class Retriever:
         """The planned pieces with their tokens: stored chunks decoded, merged pieces consolidated.
 
         A member deleted or corrupt since it was listed is left out of its piece; a piece left
-        with no member is skipped. The merges run in one worker thread (tensor work, off the loop).
+        with no member, or whose members cannot be merged, is skipped. Decoding and merging run
+        in one worker thread (tensor work, off the loop).
         """
         refs = sorted({(m.camera, m.chunk_id) for p in plan for m in p.members})
         rows = await self._store.get_chunks(refs)
-        decoded: dict[tuple[str, int], CompressedChunk] = {}
-        for meta, payload in rows:
-            try:
-                decoded[(meta.camera, meta.chunk_id)] = decode_chunk(payload)
-            except CodecError as exc:  # one damaged payload must not fail the whole question
-                log.error("chunk %d of %s has a corrupt payload; skipped: %s", meta.chunk_id, meta.camera, exc)
 
         def build() -> list[RetrievedChunk]:
+            decoded: dict[tuple[str, int], CompressedChunk] = {}
+            for meta, payload in rows:
+                try:
+                    decoded[(meta.camera, meta.chunk_id)] = decode_chunk(payload)
+                except CodecError as exc:  # one damaged payload must not fail the whole question
+                    log.error("chunk %d of %s has a corrupt payload; skipped: %s", meta.chunk_id, meta.camera, exc)
             out = []
             for piece in plan:
                 members = [decoded[key] for m in piece.members if (key := (m.camera, m.chunk_id)) in decoded]
@@ -331,7 +332,11 @@ class Retriever:
                 chunk = members[0]
                 if piece.merged:
                     total = sum(c.n_tokens for c in members)
-                    chunk = consolidate(members, min(1.0, piece.max_tokens / total)).chunk
+                    try:
+                        chunk = consolidate(members, min(1.0, piece.max_tokens / total)).chunk
+                    except ValueError as exc:  # e.g. members of two encoders (the model changed)
+                        log.error("long window: %d chunks of %s not merged: %s", len(members), piece.camera, exc)
+                        continue
                 score = piece.score if piece.fine else COVERAGE_SCORE
                 first = piece.members[0].chunk_id
                 out.append(

@@ -221,6 +221,24 @@ async def test_a_long_window_is_covered_whole_within_the_budget(redis_client, pr
     ).planned
 
 
+async def test_a_long_window_skips_pieces_it_cannot_build(redis_client, prefix, tiny_embedder, tiny_vlm):
+    store = MemoryStore(redis_client, key_prefix=prefix)
+    index = VectorIndex(tiny_embedder.dim)
+    metas = await fill_two_hours(store, index, tiny_embedder.dim, tiny_vlm.hidden_size)
+    # The first chunk's payload is damaged; the last one comes from another encoder (5 x 5 grid).
+    await redis_client.hset(store.keys.chunk("gate", metas[0].chunk_id), "payload", b"not a chunk")
+    other = make_chunk(LONG_TOKENS, tiny_vlm.hidden_size, t0=metas[-1].start_s, seed=7, rows=5, cols=5)
+    await redis_client.hset(store.keys.chunk("gate", metas[-1].chunk_id), "payload", encode_chunk(other))
+    retriever = Retriever(tiny_embedder, store, index, top_k=1, recent_chunks=1, max_chunks=12)
+    end = metas[-1].end_s
+    got = await retriever.retrieve("what happened?", cameras=None, after_s=T0, before_s=end, budget=BUDGET)
+    assert got.planned
+    coverage = [c for c in got.chunks if not c.fine]
+    assert len(coverage) >= 10
+    assert coverage[0].start_s == T0  # the first piece, built from its other members
+    assert coverage[-1].end_s < end  # the last piece mixes two grids: left out, the rest answered
+
+
 async def test_answerer_keeps_a_long_window_prompt_within_max_prompt_tokens(
     redis_client, prefix, tiny_embedder, tiny_vlm
 ):
