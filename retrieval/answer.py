@@ -13,18 +13,22 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol
 from zoneinfo import ZoneInfo
 
 from memory.outage import Outage
-from retrieval.prompt import StaleCamera, build_prompt
-from retrieval.search import Retriever
+from retrieval.prompt import PREAMBLE, StaleCamera, build_prompt, chunk_header, outage_line
+from retrieval.search import PromptBudget, Retrieved, RetrievedChunk, Retriever
 from retrieval.timephrases import read_window
+from vlm.types import TextPart, VisualPart
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from vlm.types import PromptPart
 
 log = logging.getLogger(__name__)
@@ -36,6 +40,43 @@ GENERATION_GRACE_S = 5.0
 # plus encoding: with the default 8 s chunks the newest is 8-20 s old on a healthy camera. The
 # daemon raises it for longer chunks (streamer/daemon.py).
 FRESH_WITHIN_S = 60.0
+# Tokens of the chat template around the prompt (system prompt "You are a helpful assistant." and
+# the role markers: 20 in Qwen2's template, 41 in the tiny test tokenizer's); kept out of the
+# memory's budget. The exact prompt length, where the model gives one, is checked after assembly.
+TEMPLATE_TOKENS = 64
+# A span over two dates, the longest span text (retrieval/prompt.format_span).
+_SPAN_BOUND_S = (0.0, 2 * 86_400.0)
+
+
+def utf8_bytes(text: str) -> int:
+    """Token bound of ``text`` for byte-level BPE tokenizers (Qwen2's, the tiny test one): one
+    token never holds less than a byte, so the UTF-8 length bounds the count from above."""
+    return len(text.encode("utf-8"))
+
+
+class PromptTokenizer(Protocol):
+    """The part of ``vlm.models.VisionLanguageModel`` that counts a prompt exactly."""
+
+    def prompt_ids(self, parts: Sequence[PromptPart]) -> Tensor: ...
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+
+def exact_prompt_length(vlm: PromptTokenizer, parts: Sequence[PromptPart]) -> int:
+    """Tokens the model reads for ``parts``: the chat's ids with each visual placeholder replaced
+    by that part's tokens (``VisionLanguageModel.assemble`` does the same)."""
+    visuals = [p for p in parts if isinstance(p, VisualPart)]
+    return int(vlm.prompt_ids(parts).shape[0]) - len(visuals) + sum(int(p.tokens.shape[0]) for p in visuals)
+
+
+def text_token_counter(vlm: PromptTokenizer) -> Callable[[str], int]:
+    """Exact token count of a text with the model's tokenizer (no special tokens)."""
+
+    def count(text: str) -> int:
+        return len(vlm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return count
 
 
 @dataclass(frozen=True)
@@ -87,6 +128,8 @@ class Answer:
     about_now: bool = False
     latest: list[Latest] = field(default_factory=list)
     window_phrase: str | None = None  # the question's words the window was read from (retrieval/timephrases.py)
+    prompt_tokens: int | None = None  # tokens of the prompt the model read (exact where the model counts them)
+    planned: bool = False  # the long-window path chose the memory (retrieval/coverage.py)
 
     @property
     def fresh(self) -> bool | None:
@@ -103,9 +146,7 @@ class Answer:
         return max(item.age_s for item in self.latest)
 
 
-def latest_memories(
-    spans: list[tuple[str, float]], *, now_s: float, fresh_within_s: float
-) -> list[Latest]:
+def latest_memories(spans: list[tuple[str, float]], *, now_s: float, fresh_within_s: float) -> list[Latest]:
     """(camera, end_s) of the chunks shown → each camera's newest, with its age at ``now_s``, by camera."""
     newest: dict[str, float] = {}
     for camera, end_s in spans:
@@ -162,13 +203,23 @@ class Answerer:
         max_new_tokens: int,
         generation_timeout_s: float,
         fresh_within_s: float = FRESH_WITHIN_S,
+        max_prompt_tokens: int | None = None,
+        count_text: Callable[[str], int] = utf8_bytes,
+        prompt_length: Callable[[Sequence[PromptPart]], int] | None = None,
     ) -> None:
+        """``max_prompt_tokens`` turns on the long-window path (retrieval/coverage.py); None keeps
+        every question on the top-k path. ``count_text`` counts a text's tokens (an upper bound is
+        enough); ``prompt_length`` counts an assembled prompt exactly (``exact_prompt_length``),
+        else the prompt is counted with ``count_text`` plus ``TEMPLATE_TOKENS``."""
         self._vlm = vlm
         self._retriever = retriever
         self._tz = tz
         self._max_new_tokens = max_new_tokens
         self._generation_timeout_s = generation_timeout_s
         self._fresh_within_s = fresh_within_s
+        self._max_prompt_tokens = max_prompt_tokens
+        self._count_text = count_text
+        self._prompt_length = prompt_length or self._estimate_length
         # One thread: one answer at a time leaves the cores to ingest (generation is stateless,
         # docs/models.md, so this is about CPU, not safety); max_in_flight bounds the queue.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-generate")
@@ -202,6 +253,7 @@ class Answerer:
             after_s=after_s,
             before_s=before_s,
             top_k=question.top_k,
+            budget=self._budget(question.text),
         )
         timing["retrieve"] = (time.perf_counter() - started) * 1000.0
         latest: list[Latest] = []
@@ -210,7 +262,11 @@ class Answerer:
                 [(c.camera, c.end_s) for c in retrieved.chunks], now_s=time.time(), fresh_within_s=self._fresh_within_s
             )
         stale = [StaleCamera(item.camera, item.end_s, item.age_s) for item in latest if not item.fresh]
-        parts = build_prompt(question.text, retrieved.chunks, retrieved.outages, tz=self._tz, stale=stale)
+        # Off the loop, on the generation thread: counting tokenizes the whole prompt (milliseconds
+        # for a long window), and one answer is generated at a time anyway.
+        parts, prompt_tokens, shown = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._fit, question.text, retrieved, stale
+        )
         gen_started = time.perf_counter()
         pieces: list[str] = []
         first_token_s: float | None = None
@@ -229,7 +285,7 @@ class Answerer:
             timing["first_token"] = (first_token_s - started) * 1000.0
         timing["generate"] = (done - gen_started) * 1000.0
         timing["total"] = (done - started) * 1000.0
-        citations = [Citation(c.camera, c.start_s, c.end_s, c.score) for c in retrieved.chunks]
+        citations = [Citation(c.camera, c.start_s, c.end_s, c.score) for c in shown]
         return Answer(
             text="".join(pieces),
             citations=citations,
@@ -240,7 +296,57 @@ class Answerer:
             about_now=retrieved.about_now,
             latest=latest,
             window_phrase=phrase,
+            prompt_tokens=prompt_tokens,
+            planned=retrieved.planned,
         )
+
+    def _budget(self, question: str) -> PromptBudget | None:
+        """What the memory may cost within ``max_prompt_tokens`` (None: no budget, the top-k path)."""
+        if self._max_prompt_tokens is None:
+            return None
+        zone = datetime.now(self._tz).tzname() or str(self._tz)
+        fixed = (
+            self._count_text(PREAMBLE.format(zone=zone) + "\n")
+            + self._count_text(f"Question: {question.strip()}\nAnswer:")
+            + TEMPLATE_TOKENS
+        )
+
+        def header(camera: str, grain: str) -> int:
+            # build_prompt writes the header line, the tokens, then a newline.
+            return self._count_text(chunk_header(camera, *_SPAN_BOUND_S, self._tz, grain)) + self._count_text("\n")
+
+        return PromptBudget(
+            tokens=max(0, self._max_prompt_tokens - fixed),
+            header_tokens=header,
+            outage_tokens=lambda outage: self._count_text(outage_line(outage, self._tz)),
+        )
+
+    def _estimate_length(self, parts: Sequence[PromptPart]) -> int:
+        """Prompt tokens without the model's tokenizer: ``count_text`` of the text plus visual tokens."""
+        return TEMPLATE_TOKENS + sum(
+            self._count_text(p.text) if isinstance(p, TextPart) else int(p.tokens.shape[0]) for p in parts
+        )
+
+    def _fit(
+        self, question: str, retrieved: Retrieved, stale: Sequence[StaleCamera]
+    ) -> tuple[list[PromptPart], int, list[RetrievedChunk]]:
+        """The prompt, its length and the chunks it shows.
+
+        A long-window prompt over the budget loses its weakest fine hits until it fits (the plan's
+        bounds make that rare: a tokenizer counting more than ``count_text`` said).
+        """
+        chunks = list(retrieved.chunks)
+        while True:
+            parts = build_prompt(question, chunks, retrieved.outages, tz=self._tz, stale=stale)
+            length = self._prompt_length(parts)
+            if self._max_prompt_tokens is None or not retrieved.planned or length <= self._max_prompt_tokens:
+                return parts, length, chunks
+            fine = [c for c in chunks if c.fine]
+            if not fine:
+                log.warning("long-window prompt of %d tokens is over the budget of %d", length, self._max_prompt_tokens)
+                return parts, length, chunks
+            weakest = min(fine, key=lambda c: (c.score, -c.start_s))
+            chunks = [c for c in chunks if c is not weakest]
 
     async def _generate(self, parts: list[PromptPart]) -> AsyncIterator[str]:
         """Run ``generate_stream`` on the generation thread, yielding its deltas on the loop."""

@@ -3,9 +3,11 @@
 Layout, top to bottom:
 
 1. a short preamble saying what the memory is and which time zone the times are in;
-2. per chunk, in time order: a text line ``[camera] 2026-11-20 14:03:05–14:03:13 CET`` followed by
-   the chunk's visual tokens, ordered by (frame, row, col) with the summary tokens last (the
-   order a model reads a frame grid in, so positions stay monotone);
+2. per chunk, in time order: a text line ``[camera] 2026-11-20 14:03:05–14:03:13 CET`` (on the
+   long-window path with the piece's grain: ``[camera] 2026-11-20 08:00:00–09:04:10 CET, summary of
+   64 chunks (tier 1)``, retrieval/coverage.py) followed by the chunk's visual tokens, ordered by
+   (frame, row, col) with the summary tokens last (the order a model reads a frame grid in, so
+   positions stay monotone);
 3. the ranges in which a selected camera was offline, in words, so the model does not invent
    what happened while nothing was recorded;
    for a question about now, each camera whose newest memory is stale, with its age, so the model
@@ -79,6 +81,21 @@ def format_span(start_s: float, end_s: float | None, tz: ZoneInfo) -> str:
     return f"{start:%Y-%m-%d %H:%M:%S}–{end:%Y-%m-%d %H:%M:%S} {zone}"
 
 
+def chunk_header(camera: str, start_s: float, end_s: float, tz: ZoneInfo, grain: str | None = None) -> str:
+    """The text line introducing one chunk: camera, span and, on the long-window path, its grain."""
+    grain_text = f", {grain}" if grain else ""
+    return f"[{camera}] {format_span(start_s, end_s, tz)}{grain_text}:\n"
+
+
+def outage_line(outage: Outage, tz: ZoneInfo) -> str:
+    """The text line saying a camera was offline (and why, when known)."""
+    why = f" ({outage.reason})" if outage.reason else ""
+    return (
+        f"Camera {outage.camera} was offline {format_span(outage.start_s, outage.end_s, tz)}{why}; "
+        "nothing was recorded from it then.\n"
+    )
+
+
 def token_order(frame: Tensor, row: Tensor, col: Tensor) -> Tensor:
     """Permutation putting tokens in (frame, row, col) order with summary tokens (row < 0) last.
 
@@ -113,7 +130,8 @@ def build_prompt(
     if not chunks:
         parts.append(TextPart(NO_MEMORY + "\n"))
     for item in sorted(chunks, key=lambda c: (c.start_s, c.camera)):
-        parts.append(TextPart(f"[{item.camera}] {format_span(item.start_s, item.end_s, tz)}:\n"))
+        # Only RetrievedChunk has a grain (long-window pieces); other chunk types are as stored.
+        parts.append(TextPart(chunk_header(item.camera, item.start_s, item.end_s, tz, getattr(item, "grain", None))))
         compressed = item.chunk
         order = token_order(compressed.frame, compressed.row, compressed.col)  # [M]
         parts.append(
@@ -126,13 +144,7 @@ def build_prompt(
         )
         parts.append(TextPart("\n"))
     for outage in sorted(outages, key=lambda o: (o.start_s, o.camera)):
-        why = f" ({outage.reason})" if outage.reason else ""
-        parts.append(
-            TextPart(
-                f"Camera {outage.camera} was offline {format_span(outage.start_s, outage.end_s, tz)}{why}; "
-                "nothing was recorded from it then.\n"
-            )
-        )
+        parts.append(TextPart(outage_line(outage, tz)))
     for item in stale:
         parts.append(
             TextPart(

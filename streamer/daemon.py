@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -40,7 +41,7 @@ from memory.aio import wait_set
 from memory.events import EventStore
 from memory.store import MemoryStore
 from memory.watches import WatchStore
-from retrieval.answer import FRESH_WITHIN_S, Answerer
+from retrieval.answer import FRESH_WITHIN_S, Answerer, exact_prompt_length, text_token_counter
 from retrieval.search import Retriever
 from streamer.camera import CameraStatus, CameraWorker
 from streamer.compaction import compactor_for
@@ -217,6 +218,9 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
             generation_timeout_s=settings.models.generation_timeout_s,
             # A healthy camera's newest chunk is up to a chunk (plus encoding) old.
             fresh_within_s=max([FRESH_WITHIN_S, *(3 * cam.chunk_s for cam in settings.cameras.values())]),
+            max_prompt_tokens=settings.answer.max_prompt_tokens,
+            count_text=text_token_counter(res.vlm),
+            prompt_length=functools.partial(exact_prompt_length, res.vlm),
         )
         stack.callback(answerer.close)
         metrics = Metrics()

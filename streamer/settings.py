@@ -488,6 +488,22 @@ class RetrievalSettings(_Strict):
     max_prompt_chunks: int = Field(default=12, ge=1, description="Cap on chunks placed in one prompt.")
 
 
+class AnswerSettings(_Strict):
+    """How much a prompt may hold (issue 10: long-window questions)."""
+
+    max_prompt_tokens: int = Field(
+        default=8192,
+        ge=256,
+        le=131_072,
+        description=(
+            "Prompt budget in tokens (text and visual). A question whose time window holds more memory gets "
+            "coverage of the whole window at a coarser grain plus the best hits, within it (docs/answering.md). "
+            "8192: a quarter of the 32k context of LLaVA-OV's and Qwen2.5-VL's language models, a prefill of "
+            "about 40 s on two CPU cores."
+        ),
+    )
+
+
 class MetricsSettings(_Strict):
     """The Prometheus endpoint (``/metrics``) and ``/healthz`` (docs/metrics.md)."""
 
@@ -567,6 +583,7 @@ class Settings(_Strict):
     models: ModelSettings = Field(default_factory=ModelSettings, description="Models.")
     compression: CompressionSettings = Field(default_factory=CompressionSettings, description="Token compression.")
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings, description="Question retrieval.")
+    answer: AnswerSettings = Field(default_factory=AnswerSettings, description="Prompt budget of answers.")
     metrics: MetricsSettings = Field(default_factory=MetricsSettings, description="Prometheus metrics and health.")
     memory: MemorySettings = Field(default_factory=MemorySettings, description="Consolidation and size budgets.")
     cameras: dict[CameraName, CameraSettings] = Field(

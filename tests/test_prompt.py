@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from memory.outage import Outage
 from memory.types import CompressedChunk, TokenKind
 from retrieval.answer import StreamTrimmer
-from retrieval.prompt import NO_MEMORY, build_prompt, format_span, token_order
+from retrieval.prompt import NO_MEMORY, build_prompt, chunk_header, format_span, token_order
 from vlm.types import TextPart, VisualPart
 
 TZ = ZoneInfo("Europe/Berlin")
@@ -104,6 +104,23 @@ def test_prompt_orders_chunks_by_time_and_ends_with_the_question():
         assert grid == sorted(grid)
         assert [r for r, _, _ in keys[-2:]] == [-1, -1]
         assert torch.allclose(visual.tokens.sum(0), item.chunk.tokens.sum(0), atol=1e-5)  # a permutation
+
+
+@dataclass(frozen=True)
+class GrainedItem(Item):
+    grain: str | None = None
+
+
+def test_long_window_pieces_say_their_span_and_grain():
+    t0 = datetime(2026, 11, 20, 8, 0, 0, tzinfo=TZ).timestamp()
+    merged = GrainedItem("gate", t0, t0 + 3850, make_chunk(6, 8, t0=t0, seed=3), "summary of 64 chunks (tier 1)")
+    stored = GrainedItem("gate", t0 + 4000, t0 + 4008, make_chunk(6, 8, t0=t0 + 4000, seed=4), "as recorded")
+    texts = [p.text for p in build_prompt("what happened?", [stored, merged], [], tz=TZ) if isinstance(p, TextPart)]
+    assert [t for t in texts if t.startswith("[")] == [
+        "[gate] 2026-11-20 08:00:00–09:04:10 CET, summary of 64 chunks (tier 1):\n",
+        "[gate] 2026-11-20 09:06:40–09:06:48 CET, as recorded:\n",
+    ]
+    assert chunk_header("gate", t0, t0 + 8, TZ) == "[gate] 2026-11-20 08:00:00–08:00:08 CET:\n"  # no grain: as before
 
 
 def test_prompt_without_memory_says_so():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import time
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -16,9 +18,10 @@ from memory.codec import encode_chunk
 from memory.index import VectorIndex
 from memory.outage import Outage
 from memory.store import ChunkMeta, MemoryStore
-from retrieval.answer import Answerer, Question
+from retrieval.answer import Answerer, Question, exact_prompt_length, text_token_counter
 from retrieval.search import (
     Candidate,
+    PromptBudget,
     Retriever,
     clip_outages,
     dedupe,
@@ -151,6 +154,119 @@ async def test_a_corrupt_payload_is_skipped_not_fatal(memory, tiny_embedder, red
     retriever = Retriever(tiny_embedder, store, index, top_k=6, recent_chunks=0, max_chunks=12)
     got = await retriever.retrieve("cars", cameras=None, after_s=None, before_s=None)
     assert [c.chunk_id for c in got.chunks] == [metas[k].chunk_id for k in ("front_door", "garage2")]
+
+
+# --------------------------------------------------------------------------- long windows (issue 10)
+
+LONG_CHUNKS = 90  # two hours, a chunk every 80 s
+LONG_TOKENS = 12
+
+
+async def fill_two_hours(store: MemoryStore, index: VectorIndex, dim: int, c: int) -> list[ChunkMeta]:
+    rng = np.random.default_rng(5)
+    metas = []
+    for i in range(LONG_CHUNKS):
+        start = T0 + 80.0 * i
+        chunk = make_chunk(LONG_TOKENS, c, t0=start, seed=100 + i)
+        meta = ChunkMeta.create(
+            "gate", start, start + 8.0, n_frames=3, n_input_tokens=chunk.n_input, n_tokens=LONG_TOKENS, codec="fp16/v1"
+        )
+        vector = rng.standard_normal(dim).astype(np.float32)
+        vector /= np.linalg.norm(vector)
+        assert await store.put_chunk(meta, encode_chunk(chunk), vector)
+        index.add(meta, vector)
+        metas.append(meta)
+    return metas
+
+
+HEADER_TOKENS = 20
+BUDGET = PromptBudget(tokens=600, header_tokens=lambda camera, grain: HEADER_TOKENS, outage_tokens=lambda o: 10)
+
+
+async def test_a_long_window_is_covered_whole_within_the_budget(redis_client, prefix, tiny_embedder, tiny_vlm):
+    store = MemoryStore(redis_client, key_prefix=prefix)
+    index = VectorIndex(tiny_embedder.dim)
+    metas = await fill_two_hours(store, index, tiny_embedder.dim, tiny_vlm.hidden_size)
+    retriever = Retriever(tiny_embedder, store, index, top_k=3, recent_chunks=1, max_chunks=12)
+    end = metas[-1].end_s
+    got = await retriever.retrieve("what happened?", cameras=None, after_s=T0, before_s=end, budget=BUDGET)
+    assert got.planned
+    assert sum(c.chunk.n_tokens + HEADER_TOKENS for c in got.chunks) <= BUDGET.tokens
+    coverage = [c for c in got.chunks if not c.fine]
+    assert len(coverage) >= 10
+    assert coverage[0].start_s == T0
+    assert coverage[-1].end_s == end  # the whole window, in order, without overlaps
+    assert all(a.end_s <= b.start_s for a, b in itertools.pairwise(coverage))
+    for piece in coverage:  # merged on the fly from the stored chunks in its span
+        assert piece.grain is not None
+        assert piece.grain.startswith("summary of ")
+        assert piece.chunk.n_tokens < LONG_TOKENS * int(piece.grain.split()[2])
+        assert piece.chunk.t_first.min() >= piece.start_s
+        assert piece.chunk.t_last.max() <= piece.end_s
+    fine = [c for c in got.chunks if c.fine]
+    assert 0 < len(fine) <= 3
+    assert all(c.grain == "as recorded" and c.chunk.n_tokens == LONG_TOKENS for c in fine)
+
+    # A window that fits takes the usual path, unchanged.
+    short = {"cameras": None, "after_s": T0, "before_s": T0 + 500.0}
+    with_budget = await retriever.retrieve("what happened?", **short, budget=BUDGET)
+    without = await retriever.retrieve("what happened?", **short)
+    assert not with_budget.planned
+    assert [(c.chunk_id, c.start_s, c.score, c.grain) for c in with_budget.chunks] == [
+        (c.chunk_id, c.start_s, c.score, None) for c in without.chunks
+    ]
+    # So does a question without a window, however much memory there is.
+    assert not (
+        await retriever.retrieve("what happened?", cameras=None, after_s=None, before_s=None, budget=BUDGET)
+    ).planned
+
+
+async def test_a_long_window_skips_pieces_it_cannot_build(redis_client, prefix, tiny_embedder, tiny_vlm):
+    store = MemoryStore(redis_client, key_prefix=prefix)
+    index = VectorIndex(tiny_embedder.dim)
+    metas = await fill_two_hours(store, index, tiny_embedder.dim, tiny_vlm.hidden_size)
+    # The first chunk's payload is damaged; the last one comes from another encoder (5 x 5 grid).
+    await redis_client.hset(store.keys.chunk("gate", metas[0].chunk_id), "payload", b"not a chunk")
+    other = make_chunk(LONG_TOKENS, tiny_vlm.hidden_size, t0=metas[-1].start_s, seed=7, rows=5, cols=5)
+    await redis_client.hset(store.keys.chunk("gate", metas[-1].chunk_id), "payload", encode_chunk(other))
+    retriever = Retriever(tiny_embedder, store, index, top_k=1, recent_chunks=1, max_chunks=12)
+    end = metas[-1].end_s
+    got = await retriever.retrieve("what happened?", cameras=None, after_s=T0, before_s=end, budget=BUDGET)
+    assert got.planned
+    coverage = [c for c in got.chunks if not c.fine]
+    assert len(coverage) >= 10
+    assert coverage[0].start_s == T0  # the first piece, built from its other members
+    assert coverage[-1].end_s < end  # the last piece mixes two grids: left out, the rest answered
+
+
+async def test_answerer_keeps_a_long_window_prompt_within_max_prompt_tokens(
+    redis_client, prefix, tiny_embedder, tiny_vlm
+):
+    store = MemoryStore(redis_client, key_prefix=prefix)
+    index = VectorIndex(tiny_embedder.dim)
+    metas = await fill_two_hours(store, index, tiny_embedder.dim, tiny_vlm.hidden_size)
+    retriever = Retriever(tiny_embedder, store, index, top_k=3, recent_chunks=1, max_chunks=12)
+    exact = functools.partial(exact_prompt_length, tiny_vlm)
+    answerer = Answerer(
+        tiny_vlm,
+        retriever,
+        tz=TZ,
+        max_new_tokens=2,
+        generation_timeout_s=30.0,
+        max_prompt_tokens=1500,
+        count_text=text_token_counter(tiny_vlm),
+        prompt_length=exact,
+    )
+    try:
+        answer = await answerer.answer(Question("what happened?", after_s=T0, before_s=metas[-1].end_s))
+    finally:
+        answerer.close()
+    assert answer.planned
+    assert answer.prompt_tokens is not None
+    assert answer.prompt_tokens <= 1500
+    assert len(answer.citations) >= 8
+    assert answer.citations[0].start_s == T0
+    assert answer.citations[-1].end_s <= metas[-1].end_s
 
 
 def make_answerer(vlm, embedder, store, index, *, max_new_tokens: int) -> Answerer:
