@@ -15,9 +15,13 @@ Layout (``P`` is the configured key prefix, ``C`` a camera name):
 | ``P:{C}:outages`` | hash | field = outage start in UTC ms, value = JSON record |
 | ``P:{C}:added`` | stream | one entry per chunk write: ``chunk`` (id), ``start_ms``, ``removed``; capped |
 | ``P:{C}:max_span`` | string | longest span of a consolidated chunk of the camera, in ms |
+| ``P:{C}:usage`` | hash | ``chunks:<tier>``, ``bytes:<tier>`` (meta + payload + vec), ``complete`` (1) |
 
 ``removed`` (ids, comma-separated) is set when a consolidation replaced chunks or a size budget
 deleted them (then ``chunk`` is empty). ``max_span`` is how far back a time-range query looks.
+``usage`` is changed by the same Lua script as every chunk write, swap and deletion
+(memory/store.py), so it cannot drift; ``complete`` is set by a camera's first chunk or by a
+recount from a scan (``MemoryStore.rebuild_usage``), and its absence means "recount me".
 """
 
 from __future__ import annotations
@@ -84,6 +88,10 @@ class RedisKeys:
         """Longest span (ms) of the camera's consolidated chunks: how far back a time query looks."""
         return f"{self.prefix}:{self.camera_tag(camera)}:max_span"
 
+    def usage(self, camera: str) -> str:
+        """Hash of the camera's chunk and byte counters per consolidation tier."""
+        return f"{self.prefix}:{self.camera_tag(camera)}:usage"
+
     def camera_keys(self, camera: str, chunk_id: int) -> list[str]:
         """Every per-camera key form (for tests and tools that check slot placement)."""
         return [
@@ -92,4 +100,5 @@ class RedisKeys:
             self.outages(camera),
             self.added(camera),
             self.max_span(camera),
+            self.usage(camera),
         ]
