@@ -70,9 +70,9 @@ GROWTH_SHARE = 0.5
 # Retention advances a shard's start offset; the dead rows are reclaimed once they make up more
 # than this share of the shard, so memory is bounded without a copy on every retention pass.
 COMPACT_DEAD_SHARE = 0.5
-# Below this many vectors a whole-memory search scans them all exactly: a few ms at 768-d (bench:
-# 3.7 ms p50 at 10k, about 14 ms at 50k on one core), and an IVF index over few vectors would need
-# most of its lists probed anyway.
+# Below this many vectors a whole-memory search scans them all exactly: at 768-d on one core about
+# 4 ms p50 at 10-20k and 29 ms at 100k (docs/storage.md, Benchmark), so about 15 ms here, and an
+# IVF index over few vectors needs most of its lists probed to find the top 10 anyway.
 APPROX_MIN_VECTORS = 50_000
 # IVF lists: about sqrt(N), so that a list holds about sqrt(N) vectors and the centroid scan and
 # the list scans cost about the same; capped to keep training (k-means) to seconds.
@@ -258,7 +258,6 @@ class _Approximate:
         index.cp.seed = APPROX_SEED
         index.train(sample)
         index.set_direct_map_type(faiss.DirectMap.Hashtable)  # remove_ids without a scan of every list
-        index.nprobe = APPROX_NPROBE
         approx = cls(index, n)  # the faiss wrapper keeps ``quantizer`` alive as the index's reference
         for view in views:
             index.add_with_ids(np.ascontiguousarray(view.vectors), np.ascontiguousarray(view.ids))
@@ -272,9 +271,9 @@ class _Approximate:
             gone = np.ascontiguousarray(ids, dtype=np.int64)
             self.index.remove_ids(faiss.IDSelectorArray(len(gone), faiss.swig_ptr(gone)))
 
-    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k of ``query`` [1, D]: (scores [k'], ids [k']), missing slots dropped."""
-        scores, ids = self.index.search(query, k)
+    def search(self, query: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of ``query`` [1, D] probing ``nprobe`` lists: (scores [k'], ids [k']), missing slots dropped."""
+        scores, ids = self.index.search(query, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
         keep = ids[0] >= 0
         return scores[0][keep], ids[0][keep]
 
@@ -291,6 +290,7 @@ class VectorIndex:
         self._span_of: dict[int, tuple[float, float]] = {}  # (start_s, end_s): hits of the approximate index
         self._lock = threading.Lock()
         self.approx_min_vectors = approx_min_vectors
+        self.approx_nprobe = APPROX_NPROBE  # lists probed per approximate search (benchmarks vary it)
         self._approx: _Approximate | None = None  # guarded by _approx_lock
         self._approx_lock = threading.Lock()  # held for approximate searches and changes; taken after _lock
         self._building: list[tuple[str, np.ndarray, np.ndarray]] | None = None  # changes during a rebuild
@@ -505,7 +505,7 @@ class VectorIndex:
         with self._approx_lock:
             if self._approx is None:
                 return None
-            scores, ids = self._approx.search(q, k)
+            scores, ids = self._approx.search(q, k, self.approx_nprobe)
         with self._lock:
             found = [
                 (float(s), int(i), self._camera_of[int(i)], self._span_of[int(i)])

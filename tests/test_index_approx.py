@@ -3,11 +3,12 @@ removals, consolidation swaps (real Redis), and the rebuild at start."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 
-from memory.index import VectorIndex
+from memory.index import VectorIndex, _Approximate
 from memory.store import ChunkMeta, MemoryStore
 from streamer.maintenance import Maintenance
 from streamer.resources import IndexFile
@@ -175,3 +176,33 @@ async def test_rebuilt_at_start_by_maintenance(redis_client, prefix, tmp_path: P
     assert not await maintenance.refresh_approximate()
     assert not loaded.approximate
     assert loaded.search(queries[0], 10) == loaded.search(queries[0], 10, exact=True)
+
+
+def test_changes_during_a_rebuild_reach_the_new_index(monkeypatch) -> None:
+    metas, vectors = _corpus(seed=11)
+    index = VectorIndex(DIM, approx_min_vectors=MIN_VECTORS)
+    index.add_many(metas[:3000], vectors[:3000])
+    build = _Approximate.build
+    during = threading.Event()
+    go_on = threading.Event()
+
+    def slow_build(dim: int, views: list) -> _Approximate:
+        # The real build, held until the test has changed the index behind the snapshot.
+        during.set()
+        assert go_on.wait(30)
+        return build(dim, views)
+
+    monkeypatch.setattr(_Approximate, "build", staticmethod(slow_build))
+    builder = threading.Thread(target=index.refresh_approximate)
+    builder.start()
+    assert during.wait(30)
+    index.add_many(metas[3000:], vectors[3000:])  # after the snapshot
+    gone = [m.chunk_id for m in metas[:200]]
+    index.remove(gone)
+    go_on.set()
+    builder.join(30)
+    assert index.approximate
+    for i in range(3000, 3050):
+        assert index.search(vectors[i], 1)[0].chunk_id == metas[i].chunk_id
+    for i in range(50):
+        assert not set(gone) & {h.chunk_id for h in index.search(vectors[i], 10)}
