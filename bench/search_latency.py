@@ -60,7 +60,7 @@ SCENE_S = 3600.0  # scenes corpus: a camera's view changes about every hour
 # of a fixed view are assumed to be (not measured on real SigLIP memory); 1.0 is a harder case.
 SCENE_SPREAD = 0.5
 QUERY_SPREAD = 1.0  # queries around a random scene's centre
-NPROBE_SWEEP = (4, 8, 16, 32, 64)
+NPROBE_SWEEP = (16, 32, 64, 128, 256)
 
 
 def _scene_centres(seed: int, camera: int, n_scenes: int) -> np.ndarray:

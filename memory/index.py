@@ -24,8 +24,8 @@ can see, so search and save take views under a short lock and do the heavy work 
 Whole-memory search (no camera, no time filter) scans every vector: about 235 ms at 1M chunks
 (docs/storage.md, Benchmark). Past ``APPROX_MIN_VECTORS`` it goes to an approximate index instead,
 an inverted file (FAISS ``IndexIVFFlat``, inner product) chosen over HNSW by measurement
-(bench/search_latency.py; docs/storage.md): IVF builds in seconds where HNSW takes minutes per
-100k vectors on a small CPU, and IVF removes ids (``remove_ids`` with a hash-table direct map), so
+(bench/search_latency.py; docs/storage.md): IVF builds 1M vectors in about a minute where HNSW took
+273 s for 100k on the same 2-core machine, and IVF removes ids (``remove_ids`` with a hash-table direct map), so
 consolidation, budgets and retention take vectors out at once instead of leaving tombstones.
 It is kept in step with every add and removal under its own lock, not saved: it is rebuilt from
 the exact shards (themselves caught up from Redis) by ``refresh_approximate``, which the daemon's
@@ -74,15 +74,18 @@ COMPACT_DEAD_SHARE = 0.5
 # 4 ms p50 at 10-20k and 29 ms at 100k (docs/storage.md, Benchmark), so about 15 ms here, and an
 # IVF index over few vectors needs most of its lists probed to find the top 10 anyway.
 APPROX_MIN_VECTORS = 50_000
-# IVF lists: about sqrt(N), so that a list holds about sqrt(N) vectors and the centroid scan and
-# the list scans cost about the same; capped to keep training (k-means) to seconds.
-APPROX_MIN_LISTS = 64
+# IVF lists: 4 sqrt(N). Finer lists find more of the top 10 per vector scanned (measured at 250k:
+# 2000 lists reach recall@10 0.90 scanning 8k vectors where 500 lists scan 32k for the same);
+# capped because k-means time grows with the lists.
+APPROX_LISTS_PER_SQRT_N = 4
+APPROX_MIN_LISTS = 16
 APPROX_MAX_LISTS = 4096
-# Training points per list: FAISS warns below 39; 40 keeps k-means on 1M vectors to about 1000 x
-# 40 = 40k points.
+# Training points per list: FAISS warns below 39 (and lists are capped so that there are 40).
 APPROX_TRAIN_PER_LIST = 40
+# k-means iterations: FAISS's default 25 takes minutes at 4096 lists on a small CPU; 10 is close.
+APPROX_TRAIN_ITERATIONS = 10
 # Lists probed per search: the recall/latency point measured at 1M (docs/storage.md, Benchmark).
-APPROX_NPROBE = 16
+APPROX_NPROBE = 128
 # The lists were trained on the memory of their time; once it has grown or shrunk by this factor
 # the lists are retrained (the whole index rebuilt) so that they stay balanced.
 APPROX_RETRAIN_FACTOR = 2.0
@@ -243,7 +246,8 @@ class _Approximate:
     def build(cls, dim: int, views: list[_View]) -> _Approximate:
         """Train on a seeded sample of the views' vectors, then add them all (shard by shard, no copy)."""
         n = sum(len(v.ids) for v in views)
-        nlist = int(min(APPROX_MAX_LISTS, max(APPROX_MIN_LISTS, round(math.sqrt(n)))))
+        nlist = round(APPROX_LISTS_PER_SQRT_N * math.sqrt(n))
+        nlist = int(max(APPROX_MIN_LISTS, min(APPROX_MAX_LISTS, nlist, n // APPROX_TRAIN_PER_LIST)))
         rng = np.random.default_rng(APPROX_SEED)
         sample_n = min(n, nlist * APPROX_TRAIN_PER_LIST)
         picks = np.sort(rng.choice(n, size=sample_n, replace=False))  # [S] positions over all views
@@ -256,6 +260,7 @@ class _Approximate:
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = APPROX_SEED
+        index.cp.niter = APPROX_TRAIN_ITERATIONS
         index.train(sample)
         index.set_direct_map_type(faiss.DirectMap.Hashtable)  # remove_ids without a scan of every list
         approx = cls(index, n)  # the faiss wrapper keeps ``quantizer`` alive as the index's reference
@@ -406,7 +411,9 @@ class VectorIndex:
         While a rebuild runs, the change is also recorded and replayed on the new index.
         """
         if self._building is not None:
-            self._building.append((kind, np.empty((0, self.dim), np.float32) if vectors is None else vectors, ids))
+            # Copies: the caller's arrays may change before the replay.
+            kept = np.empty((0, self.dim), np.float32) if vectors is None else vectors.copy()
+            self._building.append((kind, kept, ids.copy()))
         with self._approx_lock:
             if self._approx is not None:
                 self._approx.apply(kind, vectors, ids)
