@@ -86,8 +86,10 @@ APPROX_TRAIN_PER_LIST = 40
 APPROX_TRAIN_ITERATIONS = 10
 # Lists probed per search: the recall/latency point measured at 1M (docs/storage.md, Benchmark).
 APPROX_NPROBE = 128
-# The lists were trained on the memory of their time; once it has grown or shrunk by this factor
-# the lists are retrained (the whole index rebuilt) so that they stay balanced.
+# The lists were trained on the memory of their time; once it has grown or shrunk by this factor,
+# or as many vectors as it was trained on were added or removed since (retention turned the memory
+# over, and what the camera sees now may differ), the lists are retrained (the whole index rebuilt)
+# so that they stay balanced.
 APPROX_RETRAIN_FACTOR = 2.0
 # The training sample is drawn with this seed: the same memory gives the same index.
 APPROX_SEED = 0
@@ -241,6 +243,7 @@ class _Approximate:
         self.index = index
         self.trained_n = trained_n
         self.nlist = int(index.nlist)
+        self.changes = 0  # vectors added or removed since training
 
     @classmethod
     def build(cls, dim: int, views: list[_View]) -> _Approximate:
@@ -269,6 +272,7 @@ class _Approximate:
         return approx
 
     def apply(self, kind: str, vectors: np.ndarray | None, ids: np.ndarray) -> None:
+        self.changes += len(ids)
         if kind == "add" and vectors is not None and len(ids):
             self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids))
         elif kind == "remove" and len(ids):
@@ -439,8 +443,10 @@ class VectorIndex:
             current = self._approx
             if self._building is not None:
                 return False  # another thread is building
-            if current is not None and current.trained_n / APPROX_RETRAIN_FACTOR <= n <= current.trained_n * (
-                APPROX_RETRAIN_FACTOR
+            if (
+                current is not None
+                and current.trained_n / APPROX_RETRAIN_FACTOR <= n <= current.trained_n * APPROX_RETRAIN_FACTOR
+                and current.changes < current.trained_n
             ):
                 return False
             views = [shard.view() for shard in self._shards.values() if len(shard)]
@@ -454,6 +460,7 @@ class VectorIndex:
         with self._lock:
             for kind, vectors, ids in self._building or []:
                 built.apply(kind, vectors, ids)
+            built.changes = 0  # the replay brings it to now; it is as fresh as a new training
             self._building = None
             with self._approx_lock:
                 self._approx = built

@@ -213,3 +213,16 @@ def test_changes_during_a_rebuild_reach_the_new_index(monkeypatch) -> None:
         assert index.search(vectors[i], 1)[0].chunk_id == metas[i].chunk_id
     for i in range(50):
         assert not set(gone) & {h.chunk_id for h in index.search(vectors[i], 10)}
+
+
+def test_lists_are_retrained_once_memory_has_turned_over() -> None:
+    metas, vectors = _corpus(seed=12)
+    index = _built(metas[:2000], vectors[:2000])
+    # Retention and new footage at the same rate: the size stays, the memory is new.
+    index.remove([m.chunk_id for m in metas[:1000]])
+    index.add_many(metas[2000:2999], vectors[2000:2999])
+    assert not index.refresh_approximate()  # 1999 changes for 2000 trained on: not yet
+    index.remove([metas[1000].chunk_id])
+    assert index.refresh_approximate()
+    assert not index.refresh_approximate()
+    assert _recall(index, _queries(13, 50)) >= RECALL_BOUND
