@@ -1,6 +1,7 @@
 """Retrieval latency of VectorIndex against FAISS's own filtered search, measured in the same run.
 
     .venv/bin/python -m bench.search_latency [--sizes 10000,100000,1000000] [--queries 200] [--hnsw-max 100000]
+    .venv/bin/python -m bench.search_latency --chunks 1000000 --corpus scenes --json OUT.json
 
 Synthetic corpus: ``--cameras`` cameras, chunks spread evenly over ``--days`` days per camera,
 768-d vectors of low rank (a 64-d latent projected up, plus a little noise, L2-normalised), so
@@ -16,6 +17,18 @@ Each filtered case is compared with FAISS doing the same filtering itself, on th
   the run time on a small CPU).
 
 "vs ours" divides each FAISS p50 by VectorIndex's p50 for the same case (above 1: FAISS slower).
+
+Whole-memory search (issue 10): VectorIndex's approximate index (IVF, memory/index.py) is built on
+the same vectors and measured against VectorIndex's exact scan of the same queries in the same
+run: p50/p99 of the shipped setting, recall@10 against the exact top 10, the build time, and a
+sweep of lists probed. ``--json OUT`` writes ``{"unfiltered": {"chunks", "p50_ms", "p99_ms",
+"recall_at_10", ...}}`` for the last size.
+
+``--corpus``: ``lowrank`` (default) draws every chunk from one 64-d Gaussian, which has no
+clusters at all: the hardest case for an inverted file (a worst case, not footage). ``scenes``
+gives each camera a new scene about every hour (``SCENE_S``), chunks of one scene scattered around
+its centre as frames of one fixed view are, and queries near a random scene: closer to camera
+memory, where a view stays the same for hours.
 The indexes are built one after the other to keep memory near one copy of the vectors (about
 3 GB at 1M × 768).
 """
@@ -24,9 +37,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -39,21 +54,61 @@ SECONDS_PER_DAY = 86_400.0
 LATENT_DIM = 64  # rank of the synthetic embedding space
 NOISE = 0.05  # isotropic noise added to the low-rank part, relative to unit-scale latents
 K = 10
+SCENE_S = 3600.0  # scenes corpus: a camera's view changes about every hour
+# Chunks around their scene's centre, relative to the spread of centres (``--scene-spread``): 0.5
+# puts a chunk at cosine about 0.9 to its scene's mean in the latent space, as consecutive frames
+# of a fixed view are assumed to be (not measured on real SigLIP memory); 1.0 is a harder case.
+SCENE_SPREAD = 0.5
+QUERY_SPREAD = 1.0  # queries around a random scene's centre
+NPROBE_SWEEP = (16, 32, 64, 128, 256)
 
 
-def _camera_vectors(seed: int, camera: int, n: int, basis: np.ndarray) -> np.ndarray:
+def _scene_centres(seed: int, camera: int, n_scenes: int) -> np.ndarray:
+    """Latent centres [S, L] of one camera's scenes (scenes corpus)."""
+    return np.random.default_rng((seed, camera, 1)).standard_normal((n_scenes, LATENT_DIM), dtype=np.float32)
+
+
+def _camera_vectors(
+    seed: int,
+    camera: int,
+    n: int,
+    basis: np.ndarray,
+    *,
+    corpus: str = "lowrank",
+    step_s: float = 1.0,
+    spread: float = SCENE_SPREAD,
+) -> np.ndarray:
     """Vectors [n, D] of one camera, reproducible so the baseline gets the same data."""
     rng = np.random.default_rng((seed, camera))
     latent = rng.standard_normal((n, LATENT_DIM), dtype=np.float32)
+    if corpus == "scenes":
+        scene = (np.arange(n) * step_s // SCENE_S).astype(np.int64)  # [n] scene of each chunk
+        latent *= spread
+        latent += _scene_centres(seed, camera, int(scene[-1]) + 1)[scene]
     vectors = latent @ basis  # [n, D]
     vectors += NOISE * rng.standard_normal(vectors.shape, dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors
 
 
-def _queries(seed: int, n: int, basis: np.ndarray) -> np.ndarray:
+def _vectors(args: argparse.Namespace, camera: int, n: int, basis: np.ndarray, step_s: float) -> np.ndarray:
+    """``_camera_vectors`` of the corpus the arguments choose."""
+    return _camera_vectors(
+        args.seed, camera, n, basis, corpus=args.corpus, step_s=step_s, spread=args.scene_spread
+    )
+
+
+def _queries(
+    seed: int, n: int, basis: np.ndarray, *, corpus: str = "lowrank", cameras: int = 1, n_scenes: int = 1
+) -> np.ndarray:
     rng = np.random.default_rng((seed, 10_000))
-    q = rng.standard_normal((n, LATENT_DIM), dtype=np.float32) @ basis  # [n, D]
+    latent = rng.standard_normal((n, LATENT_DIM), dtype=np.float32)
+    if corpus == "scenes":
+        latent *= QUERY_SPREAD
+        for i in range(n):
+            cam, scene = int(rng.integers(cameras)), int(rng.integers(n_scenes))
+            latent[i] += _scene_centres(seed, cam, scene + 1)[scene]
+    q = latent @ basis  # [n, D]
     return q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
@@ -102,7 +157,7 @@ def _build_ours(args: argparse.Namespace, basis: np.ndarray, per_cam: int, step_
             )
             for s in starts
         ]
-        index.add_many(metas, _camera_vectors(args.seed, c, per_cam, basis))
+        index.add_many(metas, _vectors(args, c, per_cam, basis, step_s))
     return index
 
 
@@ -112,17 +167,59 @@ def _build_flat(
     flat = faiss.IndexFlatIP(args.dim)
     ids: list[int] = []
     for c in range(args.cameras):
-        flat.add(_camera_vectors(args.seed, c, per_cam, basis))
+        flat.add(_vectors(args, c, per_cam, basis, step_s))
         ids.extend(chunk_id_for(f"cam{c:02d}", float(s)) for s in T0 + np.arange(per_cam) * step_s)
     return flat, ids
 
 
-def bench_size(total: int, args: argparse.Namespace) -> None:
+def _bench_approximate(index: VectorIndex, queries: np.ndarray) -> dict[str, object]:
+    """Build the approximate index, then p50/p99 and recall@10 of whole-memory search against the
+    exact scan of the same queries (VectorIndex's own, forced with ``exact=True``)."""
+    index.approx_min_vectors = min(index.approx_min_vectors, len(index))  # measured even below the threshold
+    t = time.perf_counter()
+    index.refresh_approximate()
+    build_s = time.perf_counter() - t
+    n = len(queries)
+    exact_ids = [[h.chunk_id for h in index.search(queries[i], K, exact=True)] for i in range(n)]
+    exact_p50, exact_p99 = _percentiles(lambda i: index.search(queries[i], K, exact=True), min(n, 50))
+
+    def recall() -> float:
+        found = [{h.chunk_id for h in index.search(queries[i], K)} for i in range(n)]
+        return float(np.mean([len(f & set(e)) / K for f, e in zip(found, exact_ids, strict=True)]))
+
+    shipped = index.approx_nprobe
+    sweep = {}
+    for nprobe in NPROBE_SWEEP:
+        index.approx_nprobe = nprobe
+        sweep[nprobe] = (*_percentiles(lambda i: index.search(queries[i], K), n), recall())
+    index.approx_nprobe = shipped
+    p50, p99 = _percentiles(lambda i: index.search(queries[i], K), n)
+    approx = index._approx
+    return {
+        "chunks": len(index),
+        "p50_ms": round(p50, 3),
+        "p99_ms": round(p99, 3),
+        "recall_at_10": round(recall(), 4),
+        "exact_p50_ms": round(exact_p50, 3),
+        "exact_p99_ms": round(exact_p99, 3),
+        "build_s": round(build_s, 1),
+        "nlist": approx.nlist if approx is not None else None,
+        "nprobe": shipped,
+        "queries": n,
+        "sweep": {
+            str(k): {"p50_ms": round(a, 3), "p99_ms": round(b, 3), "recall_at_10": round(r, 4)}
+            for k, (a, b, r) in sweep.items()
+        },
+    }
+
+
+def bench_size(total: int, args: argparse.Namespace) -> dict[str, object]:
     span_s = args.days * SECONDS_PER_DAY
     per_cam = total // args.cameras
     step_s = span_s / per_cam
     basis = np.random.default_rng(args.seed).standard_normal((LATENT_DIM, args.dim), dtype=np.float32)
-    queries = _queries(args.seed, args.queries, basis)
+    n_scenes = int(span_s // SCENE_S) + 1
+    queries = _queries(args.seed, args.queries, basis, corpus=args.corpus, cameras=args.cameras, n_scenes=n_scenes)
     rng = np.random.default_rng(args.seed + 1)
     q_cams = np.array([f"cam{c:02d}" for c in rng.integers(args.cameras, size=args.queries)])
     none = np.array([], dtype=str)
@@ -139,6 +236,7 @@ def bench_size(total: int, args: argparse.Namespace) -> None:
     n = len(index)
     results = _search_ours(index, queries, cases, args.queries, args.slow_queries)
     ours_top = [[h.chunk_id for h in index.search(queries[i], K)] for i in range(5)]
+    approx = _bench_approximate(index, queries)
     del index  # one copy of the vectors at a time
     gc.collect()
 
@@ -168,7 +266,7 @@ def bench_size(total: int, args: argparse.Namespace) -> None:
         hnsw = faiss.IndexHNSWFlat(args.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         for c in range(args.cameras):
-            hnsw.add(_camera_vectors(args.seed, c, per_cam, basis))
+            hnsw.add(_vectors(args, c, per_cam, basis, step_s))
         hnsw_build_s = time.perf_counter() - t
         faiss_results["IndexHNSWFlat + selector"] = {}
         for name, rng_ in ranges.items():
@@ -206,6 +304,22 @@ def bench_size(total: int, args: argparse.Namespace) -> None:
         if recall:
             line += f"{recall[name]:>16.3f}"
         print(line)
+    print(
+        f"whole memory, approximate (IVF, {approx['nlist']} lists, {approx['nprobe']} probed; built in "
+        f"{approx['build_s']} s): p50 {approx['p50_ms']:.3f} ms, p99 {approx['p99_ms']:.3f} ms, recall@10 "
+        f"{approx['recall_at_10']:.3f} against VectorIndex's exact scan of the same {approx['queries']} queries "
+        f"(exact: p50 {approx['exact_p50_ms']:.3f} ms, p99 {approx['exact_p99_ms']:.3f} ms; "
+        f"{approx['exact_p50_ms'] / approx['p50_ms']:.1f}x the approximate p50)"
+    )
+    sweep = approx["sweep"]
+    assert isinstance(sweep, dict)
+    print(
+        "  lists probed:  "
+        + "   ".join(
+            f"{k}: {v['p50_ms']:.2f}/{v['p99_ms']:.2f} ms r@10 {v['recall_at_10']:.3f}" for k, v in sweep.items()
+        )
+    )
+    return approx
 
 
 def _id_ranges(
@@ -255,6 +369,12 @@ def _faiss_search(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated corpus sizes")
+    parser.add_argument("--chunks", type=int, help="one corpus size (instead of --sizes)")
+    parser.add_argument("--corpus", choices=("lowrank", "scenes"), default="lowrank", help="synthetic vectors")
+    parser.add_argument(
+        "--scene-spread", type=float, default=SCENE_SPREAD, help="scenes corpus: chunk spread around a scene"
+    )
+    parser.add_argument("--json", metavar="OUT", help="write the whole-memory figures of the last size here")
     parser.add_argument("--cameras", type=int, default=16)
     parser.add_argument("--days", type=float, default=30.0)
     parser.add_argument("--dim", type=int, default=768)
@@ -283,8 +403,13 @@ def main() -> None:
         f"{args.queries} queries per time-filtered case, "
         f"{args.slow_queries} per unfiltered or camera-only case"
     )
-    for size in (int(s) for s in args.sizes.split(",")):
-        bench_size(size, args)
+    print(f"corpus: {args.corpus}" + (f", scene spread {args.scene_spread}" if args.corpus == "scenes" else ""))
+    sizes = [args.chunks] if args.chunks else [int(s) for s in args.sizes.split(",")]
+    for size in sizes:
+        approx = bench_size(size, args)
+    if args.json:
+        body = {"unfiltered": approx, "corpus": args.corpus, "scene_spread": args.scene_spread}
+        Path(args.json).write_text(json.dumps(body, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""VectorIndex: exact retrieval over chunk vectors with camera and time filters.
+"""VectorIndex: exact retrieval over chunk vectors with camera and time filters, and an
+approximate index for searches over all memory.
 
 Design: one shard per camera, its vectors kept in start-time order in one contiguous float32
 matrix. A camera + time filter then selects a contiguous row slice (two binary searches on the
@@ -19,6 +20,17 @@ a start offset.
 Concurrency: mutations build new arrays or write rows past the visible end, never rows a reader
 can see, so search and save take views under a short lock and do the heavy work outside it
 (call them from worker threads; they release the GIL inside FAISS and numpy).
+
+Whole-memory search (no camera, no time filter) scans every vector: about 235 ms at 1M chunks
+(docs/storage.md, Benchmark). Past ``APPROX_MIN_VECTORS`` it goes to an approximate index instead,
+an inverted file (FAISS ``IndexIVFFlat``, inner product) chosen over HNSW by measurement
+(bench/search_latency.py; docs/storage.md): IVF builds 1M vectors in about a minute where HNSW took
+273 s for 100k on the same 2-core machine, and IVF removes ids (``remove_ids`` with a hash-table direct map), so
+consolidation, budgets and retention take vectors out at once instead of leaving tombstones.
+It is kept in step with every add and removal under its own lock, not saved: it is rebuilt from
+the exact shards (themselves caught up from Redis) by ``refresh_approximate``, which the daemon's
+maintenance runs at start and then retrains when the memory grew or shrank by
+``APPROX_RETRAIN_FACTOR``. Filtered searches always take the exact path.
 
 The index is derived from Redis (memory/store.py): ``catch_up`` makes it agree with the store,
 ``follow`` adds what other processes stored since (the store's ``added`` log) and drops what
@@ -58,6 +70,29 @@ GROWTH_SHARE = 0.5
 # Retention advances a shard's start offset; the dead rows are reclaimed once they make up more
 # than this share of the shard, so memory is bounded without a copy on every retention pass.
 COMPACT_DEAD_SHARE = 0.5
+# Below this many vectors a whole-memory search scans them all exactly: at 768-d on one core about
+# 4 ms p50 at 10-20k and 29 ms at 100k (docs/storage.md, Benchmark), so about 15 ms here, and an
+# IVF index over few vectors needs most of its lists probed to find the top 10 anyway.
+APPROX_MIN_VECTORS = 50_000
+# IVF lists: 4 sqrt(N). Finer lists find more of the top 10 per vector scanned (measured at 250k:
+# 2000 lists reach recall@10 0.90 scanning 8k vectors where 500 lists scan 32k for the same);
+# capped because k-means time grows with the lists.
+APPROX_LISTS_PER_SQRT_N = 4
+APPROX_MIN_LISTS = 16
+APPROX_MAX_LISTS = 4096
+# Training points per list: FAISS warns below 39 (and lists are capped so that there are 40).
+APPROX_TRAIN_PER_LIST = 40
+# k-means iterations: FAISS's default 25 takes minutes at 4096 lists on a small CPU; 10 is close.
+APPROX_TRAIN_ITERATIONS = 10
+# Lists probed per search: the recall/latency point measured at 1M (docs/storage.md, Benchmark).
+APPROX_NPROBE = 128
+# The lists were trained on the memory of their time; once it has grown or shrunk by this factor,
+# or as many vectors as it was trained on were added or removed since (retention turned the memory
+# over, and what the camera sees now may differ), the lists are retrained (the whole index rebuilt)
+# so that they stay balanced.
+APPROX_RETRAIN_FACTOR = 2.0
+# The training sample is drawn with this seed: the same memory gives the same index.
+APPROX_SEED = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,16 +236,73 @@ def _slice_search(
     return np.concatenate(scores_parts), np.concatenate(rows_parts)
 
 
+class _Approximate:
+    """An IVF index (inner product) over chunk ids; not thread-safe: VectorIndex locks around it."""
+
+    def __init__(self, index: faiss.IndexIVFFlat, trained_n: int) -> None:
+        self.index = index
+        self.trained_n = trained_n
+        self.nlist = int(index.nlist)
+        self.changes = 0  # vectors added or removed since training
+
+    @classmethod
+    def build(cls, dim: int, views: list[_View]) -> _Approximate:
+        """Train on a seeded sample of the views' vectors, then add them all (shard by shard, no copy)."""
+        n = sum(len(v.ids) for v in views)
+        nlist = round(APPROX_LISTS_PER_SQRT_N * math.sqrt(n))
+        nlist = int(max(APPROX_MIN_LISTS, min(APPROX_MAX_LISTS, nlist, n // APPROX_TRAIN_PER_LIST)))
+        rng = np.random.default_rng(APPROX_SEED)
+        sample_n = min(n, nlist * APPROX_TRAIN_PER_LIST)
+        picks = np.sort(rng.choice(n, size=sample_n, replace=False))  # [S] positions over all views
+        offsets = np.cumsum([0] + [len(v.ids) for v in views])
+        parts = []
+        for i, view in enumerate(views):
+            local = picks[(picks >= offsets[i]) & (picks < offsets[i + 1])] - offsets[i]
+            parts.append(view.vectors[local])
+        sample = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)  # [S, D]
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = APPROX_SEED
+        index.cp.niter = APPROX_TRAIN_ITERATIONS
+        index.train(sample)
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)  # remove_ids without a scan of every list
+        approx = cls(index, n)  # the faiss wrapper keeps ``quantizer`` alive as the index's reference
+        for view in views:
+            index.add_with_ids(np.ascontiguousarray(view.vectors), np.ascontiguousarray(view.ids))
+        return approx
+
+    def apply(self, kind: str, vectors: np.ndarray | None, ids: np.ndarray) -> None:
+        self.changes += len(ids)
+        if kind == "add" and vectors is not None and len(ids):
+            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids))
+        elif kind == "remove" and len(ids):
+            # With a hash-table direct map FAISS removes an IDSelectorArray only (no list scan).
+            gone = np.ascontiguousarray(ids, dtype=np.int64)
+            self.index.remove_ids(faiss.IDSelectorArray(len(gone), faiss.swig_ptr(gone)))
+
+    def search(self, query: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of ``query`` [1, D] probing ``nprobe`` lists: (scores [k'], ids [k']), missing slots dropped."""
+        scores, ids = self.index.search(query, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        keep = ids[0] >= 0
+        return scores[0][keep], ids[0][keep]
+
+
 class VectorIndex:
     """Chunk vectors of all cameras; exact inner-product search with camera and time filters."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, approx_min_vectors: int = APPROX_MIN_VECTORS) -> None:
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         self.dim = dim
         self._shards: dict[str, _Shard] = {}
         self._camera_of: dict[int, str] = {}
+        self._span_of: dict[int, tuple[float, float]] = {}  # (start_s, end_s): hits of the approximate index
         self._lock = threading.Lock()
+        self.approx_min_vectors = approx_min_vectors
+        self.approx_nprobe = APPROX_NPROBE  # lists probed per approximate search (benchmarks vary it)
+        self._approx: _Approximate | None = None  # guarded by _approx_lock
+        self._approx_lock = threading.Lock()  # held for approximate searches and changes; taken after _lock
+        self._building: list[tuple[str, np.ndarray, np.ndarray]] | None = None  # changes during a rebuild
 
     def __len__(self) -> int:
         return len(self._camera_of)
@@ -275,15 +367,14 @@ class VectorIndex:
                 ms = [metas[r] for r in picked]
                 # A bulk load of one camera in time order (catch-up) needs no gather copy.
                 whole = len(picked) == len(vecs) and bool(np.all(picked == np.arange(len(vecs))))
-                shard.add(
-                    vecs if whole else vecs[picked],
-                    starts[order],
-                    np.array([m.end_s for m in ms], dtype=np.float64),
-                    np.array([m.chunk_id for m in ms], dtype=np.int64),
-                )
+                rows_vecs = vecs if whole else vecs[picked]  # [M', D]
+                new_ids = np.array([m.chunk_id for m in ms], dtype=np.int64)  # [M']
+                shard.add(rows_vecs, starts[order], np.array([m.end_s for m in ms], dtype=np.float64), new_ids)
                 for m in ms:
                     self._camera_of[m.chunk_id] = camera
+                    self._span_of[m.chunk_id] = (m.start_s, m.end_s)
                 added += len(rows)
+                self._approx_change("add", rows_vecs, new_ids)
         return added
 
     def remove(self, chunk_ids: list[int] | np.ndarray) -> int:
@@ -294,9 +385,12 @@ class VectorIndex:
             for chunk_id in (int(i) for i in chunk_ids):
                 camera = self._camera_of.pop(chunk_id, None)
                 if camera is not None:
+                    self._span_of.pop(chunk_id, None)
                     by_camera.setdefault(camera, []).append(chunk_id)
             for camera, ids in by_camera.items():
-                removed += self._shards[camera].remove(np.asarray(ids, dtype=np.int64))
+                gone = np.asarray(ids, dtype=np.int64)
+                removed += self._shards[camera].remove(gone)
+                self._approx_change("remove", None, gone)
         return removed
 
     def remove_before(self, camera: str, cutoff_s: float) -> int:
@@ -308,7 +402,70 @@ class VectorIndex:
             dropped = shard.drop_before(cutoff_s)
             for chunk_id in dropped:
                 self._camera_of.pop(int(chunk_id), None)
+                self._span_of.pop(int(chunk_id), None)
+            if len(dropped):
+                self._approx_change("remove", None, dropped)
         return len(dropped)
+
+    # ------------------------------------------------------------------ approximate index
+
+    def _approx_change(self, kind: str, vectors: np.ndarray | None, ids: np.ndarray) -> None:
+        """Apply an add ([M, D] vectors) or a removal to the approximate index; caller holds _lock.
+
+        While a rebuild runs, the change is also recorded and replayed on the new index.
+        """
+        if self._building is not None:
+            # Copies: the caller's arrays may change before the replay.
+            kept = np.empty((0, self.dim), np.float32) if vectors is None else vectors.copy()
+            self._building.append((kind, kept, ids.copy()))
+        with self._approx_lock:
+            if self._approx is not None:
+                self._approx.apply(kind, vectors, ids)
+
+    @property
+    def approximate(self) -> bool:
+        """Whether whole-memory searches use the approximate index now."""
+        return self._approx is not None and len(self) >= self.approx_min_vectors
+
+    def refresh_approximate(self) -> bool:
+        """Build the approximate index when it is needed and missing or out of balance; True when built.
+
+        Blocking (k-means and the list assignment: seconds at 1M): call it from a worker thread.
+        Adds and removals go on meanwhile; they are recorded and replayed on the new index before it
+        is put in place. Below ``approx_min_vectors`` the index is dropped (exact search is fast).
+        """
+        with self._lock:
+            n = len(self)
+            if n < self.approx_min_vectors:
+                with self._approx_lock:
+                    self._approx = None
+                return False
+            current = self._approx
+            if self._building is not None:
+                return False  # another thread is building
+            if (
+                current is not None
+                and current.trained_n / APPROX_RETRAIN_FACTOR <= n <= current.trained_n * APPROX_RETRAIN_FACTOR
+                and current.changes < current.trained_n
+            ):
+                return False
+            views = [shard.view() for shard in self._shards.values() if len(shard)]
+            self._building = []
+        try:
+            built = _Approximate.build(self.dim, views)
+        except BaseException:
+            with self._lock:
+                self._building = None
+            raise
+        with self._lock:
+            for kind, vectors, ids in self._building or []:
+                built.apply(kind, vectors, ids)
+            built.changes = 0  # the replay brings it to now; it is as fresh as a new training
+            self._building = None
+            with self._approx_lock:
+                self._approx = built
+        logger.info("approximate index built: %d vectors in %d lists", built.trained_n, built.nlist)
+        return True
 
     # ------------------------------------------------------------------ search
 
@@ -319,12 +476,18 @@ class VectorIndex:
         cameras: set[str] | None = None,
         after_s: float | None = None,
         before_s: float | None = None,
+        *,
+        exact: bool = False,
     ) -> list[IndexHit]:
         """The ``k`` chunks with the highest inner product with ``query`` [D], best first.
 
         Only chunks of ``cameras`` (None: all) overlapping [after_s, before_s) are considered
         (``start_s < before_s`` and ``end_s > after_s``; None: unbounded). Fewer than ``k`` hits
         come back when fewer chunks match. Ties are broken by chunk id.
+
+        Without any filter, an index of at least ``approx_min_vectors`` chunks answers from the
+        approximate index (recall@10 measured in docs/storage.md) unless ``exact``; every other
+        search is exact.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -333,6 +496,10 @@ class VectorIndex:
             raise ValueError(f"query must have shape [{self.dim}], got {tuple(np.shape(query))}")
         if not np.isfinite(q).all():
             raise ValueError("query contains NaN or infinity")
+        if not exact and cameras is None and after_s is None and before_s is None and self.approximate:
+            hits = self._search_approximate(q, k)
+            if hits is not None:
+                return hits
         with self._lock:
             names = self._shards.keys() if cameras is None else [c for c in cameras if c in self._shards]
             views = [(name, self._shards[name].view()) for name in sorted(names)]
@@ -346,6 +513,24 @@ class VectorIndex:
             IndexHit(name, chunk_id, float(by_name[name].starts[r]), float(by_name[name].ends[r]), score)
             for score, chunk_id, name, r in candidates[:k]
         ]
+
+    def _search_approximate(self, q: np.ndarray, k: int) -> list[IndexHit] | None:
+        """Top-k over all memory from the approximate index; None when it has fewer than k answers."""
+        with self._approx_lock:
+            if self._approx is None:
+                return None
+            scores, ids = self._approx.search(q, k, self.approx_nprobe)
+        with self._lock:
+            found = [
+                (float(s), int(i), self._camera_of[int(i)], self._span_of[int(i)])
+                for s, i in zip(scores, ids, strict=True)
+                if int(i) in self._camera_of  # removed between the two locks
+            ]
+            wanted = min(k, len(self._camera_of))
+        if len(found) < wanted:
+            return None  # too few vectors in the probed lists: the exact scan answers
+        found.sort(key=lambda c: (-c[0], c[1]))
+        return [IndexHit(camera, chunk_id, span[0], span[1], score) for score, chunk_id, camera, span in found]
 
     # ------------------------------------------------------------------ persistence
 
@@ -422,6 +607,9 @@ class VectorIndex:
             shard.max_span_s = float(span)
             index._shards[name] = shard
             index._camera_of.update((int(chunk_id), name) for chunk_id in ids)
+            index._span_of.update(
+                (int(chunk_id), (float(a), float(b))) for chunk_id, a, b in zip(ids, starts, ends, strict=True)
+            )
         return index
 
     @classmethod

@@ -19,9 +19,13 @@ Layout (``P`` is the configured key prefix, ``C`` a camera name):
 | ``P:{C}:event_starts`` | sorted set | member = event id, score = event start in UTC ms |
 | ``P:{C}:event_ends`` | sorted set | member = event id, score = event end in UTC ms (``+inf`` while ongoing) |
 | ``P:watches`` | hash | field = watch name, value = JSON of a watch added at runtime (memory/watches.py) |
+| ``P:{C}:usage`` | hash | ``chunks:<tier>``, ``bytes:<tier>`` (meta + payload + vec), ``complete`` (1) |
 
 ``removed`` (ids, comma-separated) is set when a consolidation replaced chunks or a size budget
 deleted them (then ``chunk`` is empty). ``max_span`` is how far back a time-range query looks.
+``usage`` is changed by the same Lua script as every chunk write, swap and deletion
+(memory/store.py), so it cannot drift; ``complete`` is set by a camera's first chunk or by a
+recount from a scan (``MemoryStore.rebuild_usage``), and its absence means "recount me".
 """
 
 from __future__ import annotations
@@ -104,6 +108,9 @@ class RedisKeys:
         """Sorted set of the camera's event ids scored by end time in ms, ``+inf`` while ongoing
         (overlap queries and retention)."""
         return f"{self.prefix}:{self.camera_tag(camera)}:event_ends"
+    def usage(self, camera: str) -> str:
+        """Hash of the camera's chunk and byte counters per consolidation tier."""
+        return f"{self.prefix}:{self.camera_tag(camera)}:usage"
 
     def camera_keys(self, camera: str, chunk_id: int) -> list[str]:
         """Every per-camera key form (for tests and tools that check slot placement)."""
@@ -116,4 +123,5 @@ class RedisKeys:
             self.events(camera),
             self.event_starts(camera),
             self.event_ends(camera),
+            self.usage(camera),
         ]

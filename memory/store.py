@@ -93,28 +93,96 @@ REDIS_AWAY_ERRORS: tuple[type[Exception], ...] = (
     redis_errors.ClusterDownError,
 )
 
-# Replace a run of member chunks by their consolidation in one step. A Lua script runs atomically
-# in Redis (no other command runs between its steps, and it is persisted and replicated whole), so
-# a client killed at any point leaves either every member or the merge, never both or neither.
-# KEYS: timeline, added, max_span, merged chunk hash, then one hash per member.
-# ARGV: merged id, start ms, meta, payload, vec, added log length, span ms, then the member ids.
+# Usage counters (``P:{C}:usage``, memory/keys.py) change in the same script as the chunks they
+# count: a Lua script runs atomically in Redis (no other command runs between its steps, and it is
+# persisted and replicated whole), so the counters cannot drift from the chunks, whatever kills a
+# client. A chunk's bytes are what ``chunk_sizes`` counts: meta + payload + vec. Its tier comes from
+# its stored metadata (cjson ships with Redis's Lua). A hash without ``meta`` is not a chunk
+# (``chunk_sizes`` skips it too) and is not counted.
+_USAGE_LUA = """
+local function usage_of(key)
+  local meta = redis.call('HGET', key, 'meta')
+  if not meta then return nil, 0 end
+  local bytes = string.len(meta) + redis.call('HSTRLEN', key, 'payload') + redis.call('HSTRLEN', key, 'vec')
+  local ok, decoded = pcall(cjson.decode, meta)
+  local tier = 0
+  if ok and type(decoded) == 'table' and tonumber(decoded['tier']) then tier = tonumber(decoded['tier']) end
+  return tier, bytes
+end
+local function count(usage, tier, bytes, chunks)
+  redis.call('HINCRBY', usage, 'bytes:' .. tier, bytes)
+  redis.call('HINCRBY', usage, 'chunks:' .. tier, chunks)
+end
+local function uncount(usage, key)
+  local tier, bytes = usage_of(key)
+  if tier then count(usage, tier, -bytes, -1) end
+end
+"""
+
+# Write one chunk (a rewrite of the same id replaces it and its count).
+# KEYS: chunk hash, timeline, added, usage. ARGV: id, start ms, meta, payload, vec, added log
+# length, tier. A camera's first chunk marks its counters complete (nothing before it to count);
+# counters of a camera that had memory before they existed stay incomplete until rebuilt.
+_PUT_LUA = _USAGE_LUA + """
+if redis.call('EXISTS', KEYS[4]) == 0 and redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('HSET', KEYS[4], 'complete', '1')
+end
+uncount(KEYS[4], KEYS[1])
+redis.call('HSET', KEYS[1], 'meta', ARGV[3], 'payload', ARGV[4], 'vec', ARGV[5])
+count(KEYS[4], ARGV[7], string.len(ARGV[3]) + string.len(ARGV[4]) + string.len(ARGV[5]), 1)
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[6], '*', 'chunk', ARGV[1], 'start_ms', ARGV[2])
+return 1
+"""
+
+# Delete chunks (size budgets, retention). KEYS: timeline, added, usage, then one hash per chunk.
+# ARGV: added log length, '1' to log the removal in ``added`` (budgets) or '0' (retention, which
+# followers apply by age), then the ids. Returns how many hashes existed.
+_DELETE_LUA = _USAGE_LUA + """
+local n = 0
+for i = 4, #KEYS do
+  uncount(KEYS[3], KEYS[i])
+  n = n + redis.call('UNLINK', KEYS[i])
+end
+local removed = {}
+for i = 3, #ARGV do
+  redis.call('ZREM', KEYS[1], ARGV[i])
+  removed[#removed + 1] = ARGV[i]
+end
+if ARGV[2] == '1' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], '*', 'chunk', '', 'removed', table.concat(removed, ','))
+end
+return n
+"""
+
+# Replace a run of member chunks by their consolidation in one step, all or nothing (a client
+# killed at any point leaves either every member or the merge, never both or neither).
+# KEYS: timeline, added, max_span, usage, merged chunk hash, then one hash per member.
+# ARGV: merged id, start ms, meta, payload, vec, added log length, span ms, tier, then the member ids.
 # Returns 1 swapped, 0 already swapped (the merge exists: members left by nothing are removed),
 # -1 refused (a member is gone, e.g. retention took it: the merge would bring it back).
-_SWAP_LUA = """
-local merged = KEYS[4]
+_SWAP_LUA = _USAGE_LUA + """
+local merged = KEYS[5]
 if redis.call('EXISTS', merged) == 1 then
-  for i = 5, #KEYS do redis.call('UNLINK', KEYS[i]) end
-  for i = 8, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
+  for i = 6, #KEYS do
+    uncount(KEYS[4], KEYS[i])
+    redis.call('UNLINK', KEYS[i])
+  end
+  for i = 9, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
   return 0
 end
-for i = 5, #KEYS do
+for i = 6, #KEYS do
   if redis.call('EXISTS', KEYS[i]) == 0 then return -1 end
 end
 redis.call('HSET', merged, 'meta', ARGV[3], 'payload', ARGV[4], 'vec', ARGV[5])
+count(KEYS[4], ARGV[8], string.len(ARGV[3]) + string.len(ARGV[4]) + string.len(ARGV[5]), 1)
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 local removed = {}
-for i = 5, #KEYS do redis.call('UNLINK', KEYS[i]) end
-for i = 8, #ARGV do
+for i = 6, #KEYS do
+  uncount(KEYS[4], KEYS[i])
+  redis.call('UNLINK', KEYS[i])
+end
+for i = 9, #ARGV do
   redis.call('ZREM', KEYS[1], ARGV[i])
   removed[#removed + 1] = ARGV[i]
 end
@@ -125,6 +193,8 @@ local old = tonumber(redis.call('GET', KEYS[3]) or '0')
 if span > old then redis.call('SET', KEYS[3], ARGV[7]) end
 return 1
 """
+# How often a counter rebuild is tried again when writes keep changing the counters mid-scan.
+USAGE_REBUILD_TRIES = 5
 SwapResult = Literal["swapped", "already", "refused"]
 _SWAP_RESULTS: dict[int, SwapResult] = {1: "swapped", 0: "already", -1: "refused"}
 
@@ -220,6 +290,65 @@ def _stream_id(value: str | bytes) -> tuple[int, int]:
     text = value.decode() if isinstance(value, bytes) else value
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class TierUsage:
+    """Chunks and stored bytes (meta + payload + vector, as ``chunk_sizes`` counts) of one tier."""
+
+    chunks: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class CameraUsage:
+    """One camera's memory per consolidation tier (0: as ingested)."""
+
+    camera: str
+    tiers: dict[int, TierUsage]  # tier -> usage, tiers in ascending order, empty tiers left out
+    complete: bool = True  # False: counters started after the camera had memory (``rebuild_usage``)
+
+    @property
+    def total(self) -> TierUsage:
+        return TierUsage(sum(t.chunks for t in self.tiers.values()), sum(t.bytes for t in self.tiers.values()))
+
+    def rows(self) -> dict[str, dict[str, int]]:
+        """JSON rows (``vigil memory stats``, the status): tier ("0" as ingested) -> chunks and bytes, then "total"."""
+        rows = {str(tier): {"chunks": t.chunks, "bytes": t.bytes} for tier, t in self.tiers.items()}
+        total = self.total
+        return {**rows, "total": {"chunks": total.chunks, "bytes": total.bytes}}
+
+    @classmethod
+    def from_sizes(cls, camera: str, sizes: Iterable[tuple[ChunkMeta, int]]) -> CameraUsage:
+        """Usage from a scan (``MemoryStore.chunk_sizes``)."""
+        chunks: dict[int, int] = {}
+        nbytes: dict[int, int] = {}
+        for meta, size in sizes:
+            chunks[meta.tier] = chunks.get(meta.tier, 0) + 1
+            nbytes[meta.tier] = nbytes.get(meta.tier, 0) + size
+        return cls(camera, {tier: TierUsage(chunks[tier], nbytes[tier]) for tier in sorted(chunks)})
+
+    @classmethod
+    def from_hash(cls, camera: str, fields: Mapping[bytes | str, bytes | str]) -> CameraUsage:
+        """Usage from the camera's ``usage`` hash (fields ``chunks:<tier>``, ``bytes:<tier>``, ``complete``)."""
+        chunks: dict[int, int] = {}
+        nbytes: dict[int, int] = {}
+        complete = False
+        for raw_name, raw_value in fields.items():
+            name = raw_name.decode() if isinstance(raw_name, bytes) else raw_name
+            value = int(raw_value)
+            if name == "complete":
+                complete = value == 1
+                continue
+            kind, _, tier = name.partition(":")
+            if tier.isdigit() and kind in ("chunks", "bytes"):
+                (chunks if kind == "chunks" else nbytes)[int(tier)] = value
+        tiers = {
+            tier: TierUsage(chunks.get(tier, 0), nbytes.get(tier, 0))
+            for tier in sorted(set(chunks) | set(nbytes))
+            if chunks.get(tier, 0) or nbytes.get(tier, 0)
+        }
+        return cls(camera, tiers, complete)
 
 
 @dataclass(slots=True)
@@ -381,21 +510,25 @@ class MemoryStore:
         if isinstance(item, _PendingChunk):
             meta = item.meta
             await self._redis.sadd(self.keys.cameras(), meta.camera)
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(
-                    self.keys.chunk(meta.camera, meta.chunk_id),
-                    mapping={"meta": meta.to_json(), "payload": item.payload, "vec": item.vector},
-                )
-                pipe.zadd(self.keys.timeline(meta.camera), {str(meta.chunk_id): _ms(meta.start_s)})
-                # Exact trimming: one entry out per entry in, and the bound a reader's gap check
-                # relies on is the one configured.
-                pipe.xadd(
-                    self.keys.added(meta.camera),
-                    {"chunk": str(meta.chunk_id), "start_ms": _ms(meta.start_s)},
-                    maxlen=self._added_log_len,
-                    approximate=False,
-                )
-                await pipe.execute()
+            camera = meta.camera
+            # One script (_PUT_LUA): hash, timeline, added entry and usage counters together. The
+            # added log is trimmed exactly: one entry out per entry in, so the bound a reader's gap
+            # check relies on is the one configured.
+            await self._redis.eval(
+                _PUT_LUA,
+                4,
+                self.keys.chunk(camera, meta.chunk_id),
+                self.keys.timeline(camera),
+                self.keys.added(camera),
+                self.keys.usage(camera),
+                str(meta.chunk_id),
+                _ms(meta.start_s),
+                meta.to_json(),
+                item.payload,
+                item.vector,
+                self._added_log_len,
+                meta.tier,
+            )
         else:
             rec = item.record
             await self._redis.sadd(self.keys.cameras(), rec.camera)
@@ -685,7 +818,8 @@ class MemoryStore:
         """Replace the chunks ``member_ids`` of ``meta.camera`` by their consolidation, atomically.
 
         One Lua script (``_SWAP_LUA``): the merge is written, indexed in the timeline and logged in
-        the ``added`` stream with the removed ids, and the members deleted, all or nothing.
+        the ``added`` stream with the removed ids, the members deleted and the usage counters
+        moved, all or nothing.
         Idempotent: a retry after the swap returns "already"; a member already gone returns
         "refused" and writes nothing. Unlike ``put_chunk`` it is not buffered while Redis is away
         (REDIS_AWAY_ERRORS propagate): the members stay, at full resolution, for the next round.
@@ -701,6 +835,7 @@ class MemoryStore:
             self.keys.timeline(camera),
             self.keys.added(camera),
             self.keys.max_span(camera),
+            self.keys.usage(camera),
             self.keys.chunk(camera, meta.chunk_id),
             *(self.keys.chunk(camera, i) for i in ids),
         ]
@@ -712,6 +847,7 @@ class MemoryStore:
             vec.tobytes(),
             self._added_log_len,
             _ms(meta.end_s - meta.start_s),
+            meta.tier,
             *(str(i) for i in ids),
         ]
         result = await self._redis.eval(_SWAP_LUA, len(keys), *keys, *args)
@@ -720,25 +856,29 @@ class MemoryStore:
     async def delete_chunks(self, camera: str, chunk_ids: Sequence[int]) -> int:
         """Delete chunks of ``camera`` (size budgets); logged in ``added`` so followers drop them too.
 
-        Hashes, timeline entries and the log entry go in one transaction. Returns how many existed.
+        Hashes, timeline entries, the log entry and the usage counters change in one script per
+        batch (``_DELETE_LUA``). Returns how many existed.
         """
-        key = self.keys.timeline(check_camera(camera))
+        check_camera(camera)
         deleted = 0
         ids = [int(i) for i in chunk_ids]
         for start in range(0, len(ids), BATCH_IDS):
-            batch = ids[start : start + BATCH_IDS]
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.unlink(*(self.keys.chunk(camera, i) for i in batch))
-                pipe.zrem(key, *(str(i) for i in batch))
-                pipe.xadd(
-                    self.keys.added(camera),
-                    {"chunk": "", "removed": ",".join(str(i) for i in batch)},
-                    maxlen=self._added_log_len,
-                    approximate=False,
-                )
-                unlinked, _, _ = await pipe.execute()
-            deleted += int(unlinked)
+            deleted += await self._delete(camera, ids[start : start + BATCH_IDS], log=True)
         return deleted
+
+    async def _delete(self, camera: str, ids: Sequence[int | bytes], *, log: bool) -> int:
+        """One batch of ``_DELETE_LUA``: delete these chunks and their counts; True ``log``: in ``added``."""
+        members = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+        keys = [
+            self.keys.timeline(camera),
+            self.keys.added(camera),
+            self.keys.usage(camera),
+            *(self.keys.chunk(camera, int(i)) for i in members),
+        ]
+        result = await self._redis.eval(
+            _DELETE_LUA, len(keys), *keys, self._added_log_len, "1" if log else "0", *members
+        )
+        return int(result)
 
     async def chunk_sizes(self, camera: str) -> list[tuple[ChunkMeta, int]]:
         """Every chunk of ``camera`` in start order with its stored bytes (payload + vector + metadata).
@@ -761,14 +901,72 @@ class MemoryStore:
                     out.append((ChunkMeta.from_json(meta), len(meta) + int(payload_len or 0) + int(vec_len or 0)))
         return out
 
+    async def usage(self, cameras: Iterable[str] | None = None) -> dict[str, CameraUsage]:
+        """Each camera's chunks and bytes per tier from its usage counters: one read per camera.
+
+        Cheap enough for every status publication. A camera whose counters are missing or
+        incomplete (memory from before the counters existed) has ``complete`` False until
+        ``rebuild_usage`` runs.
+        """
+        names = await self.cameras() if cameras is None else [check_camera(c) for c in cameras]
+        if not names:
+            return {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for camera in names:
+                pipe.hgetall(self.keys.usage(camera))
+            rows = await _execute_reads(pipe)
+        return {camera: CameraUsage.from_hash(camera, row or {}) for camera, row in zip(names, rows, strict=True)}
+
+    async def rebuild_usage(self, camera: str) -> CameraUsage | None:
+        """Recount ``camera``'s usage from a scan (``chunk_sizes``) and store it as complete.
+
+        The counters key is WATCHed over the scan: every chunk write, swap and deletion changes it,
+        so a write during the scan aborts the store and the scan runs again (up to
+        ``USAGE_REBUILD_TRIES`` times). Returns the stored usage, or None when writes kept
+        interfering (the counters stay incomplete; the next start tries again).
+        """
+        key = self.keys.usage(check_camera(camera))
+        for _ in range(USAGE_REBUILD_TRIES):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(key)
+                scanned = CameraUsage.from_sizes(camera, await self.chunk_sizes(camera))
+                fields: dict[str, int] = {"complete": 1}
+                for tier, row in scanned.tiers.items():
+                    fields[f"chunks:{tier}"] = row.chunks
+                    fields[f"bytes:{tier}"] = row.bytes
+                pipe.multi()
+                pipe.delete(key)
+                pipe.hset(key, mapping=fields)
+                try:
+                    await pipe.execute()
+                except redis_errors.WatchError:
+                    continue
+            return scanned
+        logger.warning("usage counters of camera %s not rebuilt: writes kept changing them mid-scan", camera)
+        return None
+
+    async def ensure_usage(self) -> list[str]:
+        """Rebuild the counters of every camera whose counters are incomplete; returns those cameras."""
+        rebuilt = [camera for camera, usage in (await self.usage()).items() if not usage.complete]
+        for camera in rebuilt:
+            got = await self.rebuild_usage(camera)
+            if got is not None:
+                logger.info(
+                    "usage counters of camera %s rebuilt from a scan: %d chunks, %d bytes",
+                    camera,
+                    got.total.chunks,
+                    got.total.bytes,
+                )
+        return rebuilt
+
     # ------------------------------------------------------------------ retention
 
     async def apply_retention(self, camera: str, max_age_s: float, now_s: float) -> int:
         """Delete chunks of ``camera`` that started more than ``max_age_s`` before ``now_s``.
 
         Also deletes outages that ended before that cutoff. Returns the number of chunks deleted.
-        Each batch deletes chunk hashes and timeline entries in one transaction, so an interrupted
-        pass leaves no timeline entry without its chunk or the reverse.
+        Each batch deletes chunk hashes, timeline entries and their usage counts in one script, so
+        an interrupted pass leaves no timeline entry without its chunk, or counters that disagree.
         """
         key = self.keys.timeline(check_camera(camera))
         cutoff_s = now_s - max_age_s
@@ -777,10 +975,7 @@ class MemoryStore:
             ids = await self._redis.zrangebyscore(key, "-inf", f"({_ms(cutoff_s)}", start=0, num=BATCH_IDS)
             if not ids:
                 break
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.unlink(*(self.keys.chunk(camera, int(i)) for i in ids))
-                pipe.zrem(key, *ids)
-                await pipe.execute()
+            await self._delete(camera, ids, log=False)
             deleted += len(ids)
         outage_key = self.keys.outages(camera)
         stale = [

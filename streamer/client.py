@@ -46,6 +46,7 @@ COUNTERS = (
 # The daemon re-publishes every camera state every 10 s (streamer/daemon.py STATUS_INTERVAL_S); a
 # state older than six of those was left by a daemon that is gone or wedged.
 STALE_AFTER_S = 60.0
+MB = 1e6  # memory sizes are shown in decimal megabytes, like the budgets' "2GB"
 
 
 def broker_settings(config: str | None) -> MqttSettings:
@@ -181,7 +182,44 @@ async def status(settings: MqttSettings, *, timeout_s: float, out: TextIO, err: 
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(), file=out)
     else:
         print("no camera states published", file=out)
+    for line in _memory_lines((daemon or {}).get("memory")):
+        print(line, file=out)
     return EXIT_OK if online and not degraded else EXIT_FAILURE
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / MB:.1f} MB"
+
+
+def _memory_lines(memory: object) -> list[str]:
+    """One line per camera of the status's ``memory`` (tier -> chunks, bytes); malformed parts skipped.
+
+    The retained status is read from the broker, where anyone allowed to publish may have put
+    something else: only well-formed rows are shown.
+    """
+    if not isinstance(memory, dict):
+        return []
+    lines: list[str] = []
+    for camera, rows in sorted(memory.items()):
+        if rows is None:
+            lines.append(f"memory {camera}: unknown (counters not yet recounted)")
+            continue
+        if not isinstance(rows, dict):
+            continue
+        good = {
+            tier: row
+            for tier, row in rows.items()
+            if isinstance(row, dict) and all(isinstance(row.get(k), int) for k in ("chunks", "bytes"))
+        }
+        total = good.pop("total", None)
+        if total is None:
+            continue
+        tiers = "; ".join(
+            f"tier {tier}: {row['chunks']} chunks, {_size(row['bytes'])}"
+            for tier, row in sorted(good.items(), key=lambda kv: kv[0])
+        )
+        lines.append(f"memory {camera}: {_size(total['bytes'])} in {total['chunks']} chunks ({tiers})")
+    return lines
 
 
 def _json_object(payload: bytes) -> dict[str, Any] | None:

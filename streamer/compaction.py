@@ -11,7 +11,8 @@ Runs never cross an outage or a gap in the footage (``MAX_MERGE_GAP_S``): the ed
 not seen stay at full resolution. A run cut short by such an edge stays as it is.
 
 It runs from the daemon's maintenance loop (streamer/maintenance.py) and from ``vigil memory
-compact``; ``vigil memory stats`` reports chunks and bytes per camera and tier.
+compact``; ``vigil memory stats`` reports chunks and bytes per camera and tier from a scan, and
+recounts the store's usage counters (what ``vigil status`` and the metrics show) where they differ.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import redis.exceptions
 from memory.codec import CodecError, Precision, decode_chunk, encode_chunk
 from memory.consolidate import consolidate, merge_vectors
 from memory.outage import Outage
-from memory.store import MAX_CONSOLIDATED_SPAN_S, REDIS_AWAY_ERRORS, ChunkMeta, MemoryStore
+from memory.store import MAX_CONSOLIDATED_SPAN_S, REDIS_AWAY_ERRORS, CameraUsage, ChunkMeta, MemoryStore
 from streamer.redact import redact_text
 from streamer.resources import IndexFile, redis_client
 from streamer.settings import Settings, TierSettings, load_settings
@@ -297,20 +298,35 @@ class Compactor:
             logger.info("size budget: deleted the %d oldest chunks of camera %s", len(ids), cam.name)
 
 
-async def memory_stats(store: MemoryStore) -> dict[str, dict[str, dict[str, int]]]:
-    """Per camera and tier ("0" as ingested), chunks and stored bytes; plus each camera's "total"."""
-    stats: dict[str, dict[str, dict[str, int]]] = {}
-    for camera in await store.cameras():
-        per_tier: dict[str, dict[str, int]] = {}
-        total = {"chunks": 0, "bytes": 0}
-        for meta, size in await store.chunk_sizes(camera):
-            row = per_tier.setdefault(str(meta.tier), {"chunks": 0, "bytes": 0})
-            row["chunks"] += 1
-            row["bytes"] += size
-            total["chunks"] += 1
-            total["bytes"] += size
-        stats[camera] = {**dict(sorted(per_tier.items(), key=lambda kv: int(kv[0]))), "total": total}
-    return stats
+UsageTable = dict[str, dict[str, dict[str, int]]]  # camera -> tier ("0", "1", ..., "total") -> chunks, bytes
+
+
+async def scan_usage(store: MemoryStore) -> dict[str, CameraUsage]:
+    """Every camera's usage counted from a scan of its chunks (the truth the counters must equal)."""
+    return {camera: CameraUsage.from_sizes(camera, await store.chunk_sizes(camera)) for camera in await store.cameras()}
+
+
+async def memory_stats(store: MemoryStore) -> UsageTable:
+    """Per camera and tier ("0" as ingested), chunks and stored bytes from a scan; plus each camera's "total"."""
+    return {camera: usage.rows() for camera, usage in (await scan_usage(store)).items()}
+
+
+async def checked_stats(store: MemoryStore) -> tuple[UsageTable, list[str]]:
+    """``memory_stats``, and the cameras whose usage counters differed from the scan (recounted).
+
+    A write between the scan and the counter read also differs; the recount is safe either way
+    (``MemoryStore.rebuild_usage`` retries when writes interfere).
+    """
+    scanned = await scan_usage(store)
+    counted = await store.usage(list(scanned))
+    differed = [
+        camera
+        for camera, usage in scanned.items()
+        if not counted[camera].complete or counted[camera].tiers != usage.tiers
+    ]
+    for camera in differed:
+        await store.rebuild_usage(camera)
+    return {camera: usage.rows() for camera, usage in scanned.items()}, differed
 
 
 def compactor_for(settings: Settings, store: MemoryStore, index: IndexFile | None) -> Compactor:
@@ -345,7 +361,12 @@ def cli_memory(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     try:
         if args.memory_command == "stats":
-            stats = asyncio.run(_with_store(settings, memory_stats))
+            stats, differed = asyncio.run(_with_store(settings, checked_stats))
+            for camera in differed:
+                print(
+                    f"usage counters of camera {camera} differed from the scan (or were incomplete): recounted",
+                    file=sys.stderr,
+                )
             print(json.dumps(stats, indent=2) if args.json else _format_stats(stats))
             return 0
         # A running daemon's index follows through the added log (removed ids), so no index here.

@@ -46,7 +46,7 @@ from retrieval.search import Retriever
 from streamer.camera import CameraStatus, CameraWorker
 from streamer.compaction import compactor_for
 from streamer.frames import Chunk
-from streamer.health import Health, assess, status_payload
+from streamer.health import Health, UsageReader, assess, status_payload
 from streamer.ingest import IngestService
 from streamer.maintenance import Maintenance
 from streamer.metrics import DaemonCollector, Metrics, MetricsServer
@@ -111,6 +111,7 @@ class StatusReporter:
         self._broker = broker
         self._health = Health("ok", None)
         self._said: str | None = None  # the last STATUS= text sent
+        self.usage = UsageReader(store)  # memory per camera and tier, read before each status
 
     def health(self) -> Health:
         return assess(self._ingest.failing(), self._store.pending, self._store.stats.dropped)
@@ -136,12 +137,21 @@ class StatusReporter:
     def status_body(self) -> dict[str, Any]:
         """The JSON of ``{prefix}/status`` (and of ``/healthz``), with the health as last assessed."""
         s = self._ingest.stats
-        body = status_payload(self._health, s, self._store.stats, self._store.pending, now_s=time.time(), tz=self._tz)
+        body = status_payload(
+            self._health,
+            s,
+            self._store.stats,
+            self._store.pending,
+            now_s=time.time(),
+            tz=self._tz,
+            memory=self.usage.latest,
+        )
         if self._watches is not None:
             body["watches"] = self._watches.status()
         return body
 
     async def publish_status(self) -> None:
+        await self.usage.refresh()
         await self._api.publish_status(self.status_body())
 
     def notify_systemd(self, *, ready: bool = False) -> None:
@@ -314,6 +324,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event, *, notifier: Notif
                 api=api,
                 healthy=lambda: reporter.health().state == "ok",
                 watches=watches,
+                usage=lambda: reporter.usage.latest,
             )
         )
         # Before the API connects: these replace, first thing, what a crashed run left retained.

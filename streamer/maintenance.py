@@ -32,8 +32,9 @@ SECONDS_PER_DAY = 86400.0
 
 
 class Maintenance:
-    """``await maintenance.run(stop)``: save the index when it changed, apply each camera's retention,
-    then compact (consolidation tiers and size budgets, streamer/compaction.py)."""
+    """``await maintenance.run(stop)``: build the index's approximate part when due, save the index
+    when it changed, apply each camera's retention, then compact (consolidation tiers and size
+    budgets, streamer/compaction.py)."""
 
     def __init__(
         self,
@@ -60,6 +61,7 @@ class Maintenance:
         """Until ``stop``: retention now and every retention interval, index saves every save interval."""
         next_retention = next_compaction = time.monotonic()
         while not stop.is_set():
+            await self.refresh_approximate()
             if time.monotonic() >= next_retention:
                 next_retention = time.monotonic() + self._retention_interval_s
                 await self.apply_retention(time.time())
@@ -68,6 +70,11 @@ class Maintenance:
                 await self.compact(time.time())
             await wait_set(stop, self._save_interval_s)
             await self._index.save_if_dirty()
+
+    async def refresh_approximate(self) -> bool:
+        """(Re)build the index's approximate part when it is due: at start, then when memory grew or
+        shrank enough (memory/index.py). In a worker thread: k-means takes seconds at 1M chunks."""
+        return await asyncio.to_thread(self._index.index.refresh_approximate)
 
     async def apply_retention(self, now_s: float) -> int:
         """Delete each camera's memory older than its retention, in Redis and in the index, and the

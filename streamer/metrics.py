@@ -7,7 +7,8 @@ which nothing else keeps as distributions, are observed into histograms where th
 the process-wide default: two daemons in one test process do not share numbers.
 
 Names follow the Prometheus conventions: one ``vigil_`` prefix, base units in the name
-(``_seconds``), ``_total`` on counters; labels are camera and watch names only, never question text.
+(``_seconds``), ``_total`` on counters; labels are camera and watch names (and the memory tier)
+only, never question text.
 
 The HTTP side is a minimal HTTP/1.1 responder on the event loop (GET and HEAD of two paths), so a
 scrape reads the counters on the loop thread that changes them. Requests are hostile: a line or
@@ -20,7 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -33,7 +34,7 @@ from memory.aio import wait_set
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from memory.store import MemoryStore
+    from memory.store import CameraUsage, MemoryStore
     from retrieval.answer import Answer, Question
     from streamer.camera import CameraStatus
     from streamer.ingest import IngestService
@@ -109,6 +110,7 @@ class DaemonCollector(Collector):
         api: MqttSource,
         healthy: Callable[[], bool],
         watches: WatchSource | None = None,
+        usage: Callable[[], Mapping[str, CameraUsage] | None] = lambda: None,
     ) -> None:
         self._watches = watches
         self._workers = workers
@@ -116,12 +118,14 @@ class DaemonCollector(Collector):
         self._store = store
         self._api = api
         self._healthy = healthy
+        self._usage = usage  # the store's usage counters as last read (a scrape does no Redis I/O)
 
     def collect(self) -> Iterable[Metric]:
         yield from self._cameras()
         yield from self._chunks()
         if self._watches is not None:
             yield from self._watch_counts(self._watches)
+        yield from self._memory()
         store = self._store
         yield GaugeMetricFamily(
             "vigil_redis_pending_writes", "Writes waiting in the retry buffer while Redis is away.", store.pending
@@ -186,6 +190,23 @@ class DaemonCollector(Collector):
             dropped.add_metric([watch, camera], counts.dropped)
             events.add_metric([watch, camera], counts.events)
         yield from (checks, dropped, events)
+
+    def _memory(self) -> Iterable[Metric]:
+        nbytes = GaugeMetricFamily(
+            "vigil_memory_bytes",
+            "Bytes of memory stored (metadata, payload and vector) per consolidation tier.",
+            labels=["camera", "tier"],
+        )
+        chunks = GaugeMetricFamily(
+            "vigil_memory_chunks", "Chunks stored per consolidation tier.", labels=["camera", "tier"]
+        )
+        for camera, usage in (self._usage() or {}).items():
+            if not usage.complete:  # not yet recounted: no number rather than one too small
+                continue
+            for tier, row in usage.tiers.items():
+                nbytes.add_metric([camera, str(tier)], row.bytes)
+                chunks.add_metric([camera, str(tier)], row.chunks)
+        yield from (nbytes, chunks)
 
 
 AnswerFn = Callable[["Question", Callable[[str], Awaitable[None]] | None], Awaitable["Answer"]]

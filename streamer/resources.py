@@ -171,6 +171,8 @@ async def open_resources(settings: Settings, *, owns_index: bool = True) -> Asyn
             # Before the catch-up: what is written while it runs is then read again by follow().
             index.cursors = await store.added_cursors()
             added, removed = await index.index.catch_up(store)
+            # Counters of memory written before they existed are recounted once (a scan per camera).
+            await store.ensure_usage()
             index.dirty = bool(added or removed)
             logger.info(
                 "index at %s: %d chunks (%d added from Redis, %d removed)", path, len(index.index), added, removed

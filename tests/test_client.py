@@ -82,7 +82,14 @@ async def test_status_prints_health_counters_and_the_camera_table(broker, prefix
         await api.publish_camera_state(
             "front_door", {"state": "reconnecting", "error": "connection refused", "published_at": now}
         )
-        await api.publish_status({"published_at": now, "health": "ok", "reason": None, "chunks_stored": 12})
+        memory = {
+            "garage": {"0": {"chunks": 10, "bytes": 2_500_000}, "total": {"chunks": 10, "bytes": 2_500_000}},
+            "attic": None,
+            "bogus": {"total": {"chunks": "many"}},  # malformed rows are not shown
+        }
+        await api.publish_status(
+            {"published_at": now, "health": "ok", "reason": None, "chunks_stored": 12, "memory": memory}
+        )
         out = io.StringIO()
         code = await status(settings, timeout_s=0.5, out=out, err=io.StringIO())
     lines = out.getvalue().splitlines()
@@ -104,6 +111,10 @@ async def test_status_prints_health_counters_and_the_camera_table(broker, prefix
     assert lines[4].split()[:2] == ["front_door", "reconnecting"]
     assert lines[4].endswith("connection refused")
     assert lines[5].split() == ["garage", "connected", "10.0", "-", "-", "2", "-", "-"]
+    assert lines[6:] == [
+        "memory attic: unknown (counters not yet recounted)",
+        "memory garage: 2.5 MB in 10 chunks (tier 0: 10 chunks, 2.5 MB)",
+    ]
     # After the stop `offline` is retained: no camera state can be believed any more.
     out = io.StringIO()
     assert await status(settings, timeout_s=0.3, out=out, err=io.StringIO()) == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from memory.store import StoreStats
+from memory.store import CameraUsage, StoreStats, TierUsage
 from streamer.health import Health, assess, status_payload
 from streamer.ingest import IngestStats
 
@@ -48,4 +48,21 @@ def test_status_payload_carries_health_counters_and_its_time():
         "pending_writes": 3,
         "writes_dropped": 4,
         "encoder_queue_chunks": 1,
+        "memory": None,  # no usage reading yet
+    }
+
+
+def test_status_payload_carries_memory_per_camera_and_tier():
+    usage = {
+        "gate": CameraUsage("gate", {0: TierUsage(120, 1_200_000), 1: TierUsage(15, 20_000)}),
+        "old": CameraUsage("old", {0: TierUsage(3, 30)}, complete=False),
+    }
+    body = status_payload(Health("ok", None), IngestStats(), StoreStats(), 0, now_s=0.0, tz=TZ, memory=usage)
+    assert body["memory"] == {
+        "gate": {
+            "0": {"chunks": 120, "bytes": 1_200_000},
+            "1": {"chunks": 15, "bytes": 20_000},
+            "total": {"chunks": 135, "bytes": 1_220_000},
+        },
+        "old": None,  # counters not yet recounted: unknown, not too small
     }

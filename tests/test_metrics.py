@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from memory.store import MemoryStore
+from streamer.resources import redis_client
 from streamer.settings import Settings
 from tests.test_e2e import ask_v5, daemon_config, running_daemon, wait_for_chunks
 from tests.test_lifecycle import file_camera
@@ -65,6 +67,16 @@ async def scrape(port: int) -> str:
     return body.decode()
 
 
+async def stored_in_redis(settings: Settings, camera: str) -> tuple[int, int]:
+    """Chunks and bytes of ``camera`` in Redis now, from a scan."""
+    client = redis_client(settings)
+    try:
+        sizes = await MemoryStore(client, key_prefix=settings.redis.key_prefix).chunk_sizes(camera)
+    finally:
+        await client.aclose()
+    return len(sizes), sum(size for _, size in sizes)
+
+
 async def wait_listening(port: int) -> None:
     deadline = asyncio.get_running_loop().time() + WAIT_S
     while True:
@@ -105,6 +117,13 @@ async def test_metrics_pass_promtool_and_move_while_a_camera_streams(
         writer.write(b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\n\r\n")  # a request line over the limit
         assert await asyncio.wait_for(reader.read(), WAIT_S) == b""
         writer.close()
+        # The usage counters are read before each status publication (every 10 s).
+        deadline = asyncio.get_running_loop().time() + WAIT_S
+        while (memory_chunks := samples(await scrape(port)).get('vigil_memory_chunks{camera="lot",tier="0"}')) is None:
+            assert asyncio.get_running_loop().time() < deadline, "no vigil_memory_chunks for camera lot"
+            await asyncio.sleep(0.5)
+        memory_bytes = samples(await scrape(port))['vigil_memory_bytes{camera="lot",tier="0"}']
+        stored_chunks, stored_bytes = await stored_in_redis(settings, "lot")
         head_status, _, head_body = await get(port, b"HEAD /metrics HTTP/1.1\r\n\r\n")
         assert (head_status, head_body) == (200, b"")
         assert await scrape(port)
@@ -128,7 +147,10 @@ async def test_metrics_pass_promtool_and_move_while_a_camera_streams(
     assert second["vigil_camera_connected" + lot] == 1
     # No label but camera anywhere: never question text.
     labels = {name for key in second for name in re.findall(r"(\w+)=", key)}
-    assert labels <= {"camera", "le"}, labels
+    assert labels <= {"camera", "tier", "le"}, labels
+    # Memory per camera and tier, from the store's usage counters as the status last read them.
+    assert 0 < memory_chunks <= stored_chunks
+    assert 0 < memory_bytes <= stored_bytes
 
     # /healthz carries what {prefix}/status carries.
     assert health["health"] == "ok"

@@ -125,7 +125,8 @@ async def test_keys_carry_camera_hash_tag_and_share_a_slot(redis_client, prefix)
         await _put_series(store, camera, 3)
         await store.put_outage(Outage(camera, T0 - 50, T0 - 10, "stream ended"))
     keys = [k.decode() async for k in redis_client.scan_iter(match=f"{prefix}*")]
-    assert len(keys) == 1 + 3 * (1 + 3 + 1 + 1)  # cameras set + per camera: timeline, chunks, outages, added log
+    # cameras set + per camera: timeline, chunks, outages, added log, usage counters
+    assert len(keys) == 1 + 3 * (1 + 3 + 1 + 1 + 1)
     slots: dict[str, set[int]] = {}
     for key in keys:
         if key == store.keys.cameras():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from memory.index import VectorIndex
-from memory.store import ChunkMeta, MemoryStore, chunk_id_for
+from memory.store import CameraUsage, ChunkMeta, MemoryStore, chunk_id_for
 from tests.plugins.crash import REPO, sigkill_after
 from tests.swap_writer import CAMERA, DIM, PAYLOAD_BYTES, T0, member_metas, merged_meta
 
@@ -130,6 +130,10 @@ async def test_sigkill_during_swaps_leaves_members_or_merge(redis_client, redis_
     # The index, caught up after the crash as at a restart, agrees with Redis.
     await index.catch_up(store)
     assert index.ids(CAMERA) == in_timeline
+    # The usage counters moved in the same scripts as the chunks: a kill leaves them exact.
+    scanned = CameraUsage.from_sizes(CAMERA, await store.chunk_sizes(CAMERA))
+    assert (await store.usage([CAMERA]))[CAMERA] == scanned
+    assert scanned.total.chunks == len(in_timeline)
     # The rest can be finished: the swaps are idempotent.
     for g in range(groups):
         result = await store.swap_chunks(merged_meta(g), b"m" * 10, _vec(0), [m.chunk_id for m in member_metas(g)])
