@@ -51,9 +51,10 @@ QUESTION_SEPARATOR = " "
 # tokens (the real Qwen2/2.5 vocabulary has all twelve as single tokens).
 YES_VARIANTS = ("yes", "Yes", "YES", " yes", " Yes", " YES")
 NO_VARIANTS = ("no", "No", "NO", " no", " No", " NO")
-# Two sentinels that stand where the question goes while the split is found (plain words, no
-# reserved strings, so the template renders them as it renders a question).
-_SENTINELS = (" vigil watch question alpha", " vigil watch question omega")
+# Two sentinels that stand where the question goes while the split is found: plain words (no
+# reserved strings, so the template renders them as it renders a question), of different
+# lengths and words, so a template that uses the question anywhere else shows it.
+_SENTINELS = (" vigil watch question", " another vigil watch slot, longer")
 DEFAULT_MAX_BATCH = 16
 
 
