@@ -195,16 +195,22 @@ def _cache_name(decoder: torch.nn.Module) -> str:
 def _score_reusing(
     vlm: VisionLanguageModel, prompt: WatchPrompt, suffixes: Sequence[Tensor], ids: AnswerIds, max_batch: int
 ) -> list[float]:
-    """One prefill of the prefix, then the suffixes from its cache, ``max_batch`` at a time."""
+    """One prefill of the prefix, then the suffixes from its cache, ``max_batch`` at a time.
+
+    Batches are formed in order of suffix length, so that a batch's rows need little padding
+    (every pad token is computed like a real one); scores go back in the questions' order.
+    """
     decoder = vlm.model.get_decoder()
     head = vlm.model.get_output_embeddings()
     cache = _cache_name(decoder)
     out = decoder(inputs_embeds=prompt.embeds, position_ids=prompt.positions, use_cache=True)
     prefix = getattr(out, cache)  # per layer keys and values [1, H, P, D]
     p = prompt.embeds.shape[1]
-    scores: list[float] = []
+    by_length = sorted(range(len(suffixes)), key=lambda i: int(suffixes[i].shape[0]))
+    scores = [0.0] * len(suffixes)
     for first in range(0, len(suffixes), max_batch):
-        batch = suffixes[first : first + max_batch]
+        rows = by_length[first : first + max_batch]
+        batch = [suffixes[i] for i in rows]
         embeds, positions, lengths = _suffix_batch(vlm, batch, prompt.next_pos)  # [B, S, C], [.., B, S], [B]
         b, s = embeds.shape[:2]
         real = torch.arange(s, device=vlm.device)[None] < lengths[:, None]  # [B, S]
@@ -217,7 +223,8 @@ def _score_reusing(
             **{cache: _expanded(prefix, b, decoder.config)},
         ).last_hidden_state  # [B, S, C]
         last = hidden[torch.arange(b, device=vlm.device), lengths - 1]  # [B, C]: each row's own last token
-        scores += yes_probability(head(last), ids).tolist()  # logits [B, V] → [B]
+        for row, score in zip(rows, yes_probability(head(last), ids).tolist(), strict=True):  # logits [B, V] → [B]
+            scores[row] = score
     return scores
 
 
