@@ -158,8 +158,10 @@ def main() -> None:
     prefix = split_prompt(vlm, context)
     prefix_tokens = int(prefix.embeds.shape[1])
     suffix_tokens = [len(vlm.tokenize(QUESTION_SEPARATOR + q + prefix.tail)) for q in QUESTIONS]
+    before = " with the one before" if len(chunks) > 1 else ""
     print(
-        f"{args.clip.name}: last {len(chunks)} chunk(s), {visual} visual tokens (of {sum(c.n_input for c in chunks)}); "
+        f"{args.clip.name}: chunk {last} of the last minute (the typical one){before}, "
+        f"{visual} visual tokens (of {sum(c.n_input for c in chunks)}); "
         f"shared prefix {prefix_tokens} tokens (instruction {INSTRUCTION!r}); per question "
         f"{min(suffix_tokens)}-{max(suffix_tokens)} tokens; torch threads {args.threads}, max_batch {args.max_batch}"
     )
