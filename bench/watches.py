@@ -207,7 +207,7 @@ def main() -> None:
     print(f"max |P(yes) with reuse - without| over the 64 watches: {agree:.2e}")
     if args.json:
         result = {
-            "command": " ".join(sys.argv),
+            "command": " ".join(["python -m bench.watches", *sys.argv[1:]]),
             "model": {
                 "config": "llava-onevision-qwen2-0.5b-ov-hf (tests/data/real-configs)",
                 "llm_layers": text.num_hidden_layers,
