@@ -310,6 +310,14 @@ class VisionLanguageModel(ABC):
 
     def prompt_ids(self, parts: Sequence[PromptPart], system: str = SYSTEM_PROMPT) -> Tensor:
         """Token ids [L] of the chat (system, user with one placeholder per visual part, assistant cue)."""
+        return self.tokenize(self.prompt_text(parts, system))
+
+    def tokenize(self, text: str) -> Tensor:
+        """Token ids [L] of already templated text (special tokens as written, none added)."""
+        return self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]  # [L]
+
+    def prompt_text(self, parts: Sequence[PromptPart], system: str = SYSTEM_PROMPT) -> str:
+        """The chat as text: ``prompt_ids`` before tokenizing (vlm/watch.py splits it at a question)."""
         content = "".join(self._sanitise(p.text) if isinstance(p, TextPart) else self._placeholder for p in parts)
         messages = [
             {"role": "system", "content": [{"type": "text", "text": system}]},
@@ -317,19 +325,24 @@ class VisionLanguageModel(ABC):
         ]
         if self._content_format == "string":
             messages = [{"role": m["role"], "content": system if m["role"] == "system" else content} for m in messages]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]  # [L]
-        return ids
+        return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
     def assemble(self, parts: Sequence[PromptPart], system: str = SYSTEM_PROMPT) -> tuple[Tensor, Tensor, int]:
         """Prompt → (inputs_embeds [1, L, C], position_ids [1, L] or [3, 1, L], next position)."""
-        for part in parts:
-            if isinstance(part, VisualPart) and part.tokens.shape[-1] != self.hidden_size:
+        visuals = [p for p in parts if isinstance(p, VisualPart)]
+        return self.assemble_ids(self.prompt_ids(parts, system), visuals)
+
+    def assemble_ids(self, ids: Tensor, visuals: Sequence[VisualPart]) -> tuple[Tensor, Tensor, int]:
+        """Token ids [L] with one placeholder per visual part → ``assemble``'s triple.
+
+        Positions start at 0. Text that continues a sequence (vlm/watch.py's questions after a
+        cached prefix) adds the prefix's next position: text advances every RoPE row by one.
+        """
+        for part in visuals:
+            if part.tokens.shape[-1] != self.hidden_size:
                 raise ValueError(
                     f"visual tokens have {part.tokens.shape[-1]} channels, the model expects {self.hidden_size}"
                 )
-        visuals = [p for p in parts if isinstance(p, VisualPart)]
-        ids = self.prompt_ids(parts, system)
         slots = (ids == self._placeholder_id).nonzero().flatten().tolist()
         if len(slots) != len(visuals):
             raise ValueError(f"chat template kept {len(slots)} visual placeholders for {len(visuals)} visual parts")
