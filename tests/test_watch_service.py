@@ -30,7 +30,7 @@ from tests.test_mqtt_api import running, settings_for
 from tests.test_watches_e2e import publish_plain, set_watch_v5
 from vlm.models import VisionLanguageModel
 from vlm.types import TextPart
-from vlm.watch import answer_ids, question_part, yes_probabilities
+from vlm.watch import yes_probabilities
 
 TZ = ZoneInfo("Europe/Berlin")
 CAMERAS = ["front_door", "garage"]
@@ -174,18 +174,15 @@ async def test_a_full_check_queue_drops_the_oldest_chunk_and_counts_it(
     assert ("door", "garage") not in watches.counts()
 
 
-def test_yes_probabilities_are_the_yes_share_of_the_first_answer_token(tiny_vlm: VisionLanguageModel) -> None:
+def test_chunk_context_is_what_the_checks_score(tiny_vlm: VisionLanguageModel) -> None:
+    """The check's context names the camera and its span; scores are per question (their agreement
+    with the model's own prefill is tests/test_watch_scoring.py's)."""
     context = chunk_context("front_door", 1000.0, 1008.0, compressed(8, tiny_vlm.hidden_size), TZ)
     questions = ["Is the door open?", "Is a person there?"]
     scores = yes_probabilities(tiny_vlm, context, questions)
-    yes, no = answer_ids(tiny_vlm.tokenizer)
-    for question, score in zip(questions, scores, strict=True):
-        probs = torch.softmax(tiny_vlm.next_token_logits([*context, question_part(question)]), dim=0)
-        expected = float(probs[yes].sum() / (probs[yes].sum() + probs[no].sum()))
-        assert score == pytest.approx(expected, rel=1e-4)
-        assert 0.0 <= score <= 1.0
+    assert len(scores) == 2
+    assert all(0.0 <= score <= 1.0 for score in scores)
     assert scores[0] != scores[1]  # the question matters
-    assert yes_probabilities(tiny_vlm, context, []) == []
     assert isinstance(context[0], TextPart)
     assert "front_door" in context[0].text
 
